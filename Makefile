@@ -1,0 +1,26 @@
+# CPU installs pin torch to the local CPU wheel; the package metadata stays permissive (torch>=2.6).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/herd chat
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
