@@ -129,6 +129,7 @@ class Llama4TextConfig:
 
     @classmethod
     def from_pretrained(cls, path: str) -> "Llama4TextConfig":
+        path = os.fspath(path)
         cfg_path = path if path.endswith(".json") else os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"no config.json found at {cfg_path}")

@@ -1,0 +1,163 @@
+"""Load Hugging Face Llama 4 checkpoints (sharded safetensors) into herd's model.
+
+Handles `language_model.` prefixes of Llama4ForConditionalGeneration, fused experts
+(gate_up_proj [E, D, 2I], down_proj [E, I, D], stored [in, out]) and per-expert tensors
+(experts.N.{gate,up,down}_proj.weight, [out, in]). Each tensor goes to its parameter's
+`weight_loader`, which takes this rank's slice, so TP ranks never hold the whole model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from herd.model.config import Llama4TextConfig
+from herd.model.layers import copy_checked
+from herd.model.llama4 import Llama4ForCausalLM, QuantMethods
+from herd.parallel.context import SINGLE, TPContext
+
+# Tensors of the multimodal checkpoint that the text model does not use (loaded by the vision tower).
+_VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+_STACKED = {  # HF suffix -> (herd suffix, shard id)
+    ".self_attn.q_proj.weight": (".self_attn.qkv_proj.weight", "q"),
+    ".self_attn.k_proj.weight": (".self_attn.qkv_proj.weight", "k"),
+    ".self_attn.v_proj.weight": (".self_attn.qkv_proj.weight", "v"),
+    ".gate_proj.weight": (".gate_up_proj.weight", 0),
+    ".up_proj.weight": (".gate_up_proj.weight", 1),
+}
+_PER_EXPERT = re.compile(r"^(.*\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_SHARD = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def checkpoint_files(path) -> list[str]:
+    path = os.fspath(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, name) for name in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not found:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+    return found
+
+
+def iterate_checkpoint(path: str, desc: str = "Loading weights") -> Iterator[tuple[str, torch.Tensor]]:
+    files = checkpoint_files(path)
+    names = []
+    for fn in files:
+        with safe_open(fn, framework="pt") as f:
+            names.extend((fn, k) for k in f.keys())
+    handles = {}
+    try:
+        for fn, key in tqdm(names, desc=desc, unit="tensor", leave=False, disable=None):
+            if fn not in handles:
+                handles[fn] = safe_open(fn, framework="pt")
+            yield key, handles[fn].get_tensor(key)
+    finally:
+        handles.clear()
+
+
+def _strip(name: str) -> str | None:
+    if name.startswith("language_model."):
+        name = name[len("language_model."):]
+    if name.startswith(_VISION_PREFIXES):
+        return None
+    return name
+
+
+def load_weights(model: Llama4ForCausalLM, weights: Iterator[tuple[str, torch.Tensor]],
+                 strict: bool = True) -> set[str]:
+    """Route checkpoint tensors to parameters; return the set of parameters that were filled."""
+    params = dict(model.named_parameters())
+    filled: dict[str, set] = {}
+    unexpected = []
+
+    def put(pname, tensor, shard=None, expert_id=None):
+        if pname not in params:
+            unexpected.append(pname)
+            return
+        param = params[pname]
+        loader = getattr(_owner(model, pname), "weight_loader", None)
+        try:
+            if loader is None:
+                copy_checked(param, tensor)
+            elif expert_id is not None:
+                loader(param, tensor, shard, expert_id)
+            else:
+                loader(param, tensor, shard)
+        except (RuntimeError, ValueError) as err:  # narrow() on a wrong shape raises RuntimeError
+            raise ValueError(f"shape mismatch loading {pname} (shard {shard}): checkpoint tensor "
+                             f"{tuple(tensor.shape)} does not fit parameter {tuple(param.shape)}: {err}") from None
+        filled.setdefault(pname, set()).add((shard, expert_id))
+
+    for name, tensor in weights:
+        name = _strip(name)
+        if name is None:
+            continue
+        if name.endswith(".feed_forward.experts.gate_up_proj"):
+            pname = name.replace("gate_up_proj", "w13_weight")
+            inter = tensor.shape[-1] // 2
+            for e in range(tensor.shape[0]):
+                put(pname, tensor[e, :, :inter].t(), "w1", expert_id=e)
+                put(pname, tensor[e, :, inter:].t(), "w3", expert_id=e)
+            continue
+        if name.endswith(".feed_forward.experts.down_proj"):
+            pname = name.replace("down_proj", "w2_weight")
+            for e in range(tensor.shape[0]):
+                put(pname, tensor[e].t(), "w2", expert_id=e)
+            continue
+        m = _PER_EXPERT.match(name)
+        if m:
+            prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+            pname = f"{prefix}.{'w2_weight' if proj == 'down_proj' else 'w13_weight'}"
+            put(pname, tensor, _EXPERT_SHARD[proj], expert_id=e)
+            continue
+        for suffix, (new, shard) in _STACKED.items():
+            if name.endswith(suffix):
+                put(name[: -len(suffix)] + new, tensor, shard)
+                break
+        else:
+            put(name, tensor)
+    if model.config.tie_word_embeddings and "lm_head.weight" not in filled:
+        emb = model.model.embed_tokens.weight
+        params["lm_head.weight"].data.copy_(emb.data)
+        filled["lm_head.weight"] = {(None, None)}
+    if strict:
+        if unexpected:
+            raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensors, e.g. {unexpected[:5]}")
+        missing = [n for n in params if n not in filled]
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+    return set(filled)
+
+
+def _owner(model, pname):
+    return model.get_submodule(pname.rsplit(".", 1)[0])
+
+
+def process_weights_after_loading(model: torch.nn.Module):
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+
+
+def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               tp: TPContext = SINGLE, quant: QuantMethods | None = None, expert_parallel: bool = False,
+               config: Llama4TextConfig | None = None, weights=None) -> Llama4ForCausalLM:
+    """Build on CPU, load and (optionally) quantize there, then move to the device."""
+    cfg = config or Llama4TextConfig.from_pretrained(path)
+    with torch.device("cpu"):
+        model = Llama4ForCausalLM(cfg, dtype=dtype, tp=tp, quant=quant, expert_parallel=expert_parallel)
+    load_weights(model, weights if weights is not None else iterate_checkpoint(path))
+    process_weights_after_loading(model)
+    return model.to(device).eval()

@@ -1,0 +1,111 @@
+"""Paged attention: a readable torch reference over block tables, with chunk-local masks and fp8 KV.
+
+KV cache per layer: k_cache, v_cache of shape [num_blocks, block_size, num_kv_heads, head_dim].
+Two KV groups exist: "full" (NoPE / global layers keep every block) and "local" (chunked-attention
+RoPE layers; blocks left of the current attention chunk are freed and marked -1 in the table).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+FP8_KV_DTYPES = (torch.float8_e4m3fn,)
+
+
+@dataclass
+class KVGroupMetadata:
+    block_tables: torch.Tensor   # [B, max_blocks] int64, -1 where unallocated or freed
+    slot_mapping: torch.Tensor   # [T] int64 flat slot (block * block_size + offset); -1 = don't store
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one flattened batch: sequence b owns tokens query_start_loc[b]:query_start_loc[b+1]."""
+    query_start_loc: list[int]
+    seq_lens: list[int]                  # context length after this step (cached + new tokens)
+    groups: dict[str, KVGroupMetadata]
+    kv_caches: list | None = None        # per layer: (k_cache, v_cache) or None
+    block_size: int = 16
+    kv_scales: list | None = None        # per layer (k_scale, v_scale) floats for fp8 caches
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Boolean [Tq, Tk]: causal, and on chunked layers only keys in the query's chunk."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if chunk is not None:
+        mask &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
+    return mask
+
+
+def sdpa(q, k, v, mask, scale):
+    """q [Tq, H, d], k/v [Tk, Hkv, d] -> [Tq, H, d]; GQA by repeat-interleave (head j -> kv j // g)."""
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k = k.repeat_interleave(g, dim=1)
+        v = v.repeat_interleave(g, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
+    """Write new K/V rows into their slots (quantizing for fp8 caches)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    nkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    kc, vc = k_cache.view(-1, nkv, d), v_cache.view(-1, nkv, d)
+    kk, vv = k[keep], v[keep]
+    if k_cache.dtype in FP8_KV_DTYPES:
+        kk = (kk.float() / k_scale).clamp(-448, 448)
+        vv = (vv.float() / v_scale).clamp(-448, 448)
+    kc[slots] = kk.to(k_cache.dtype)
+    vc[slots] = vv.to(v_cache.dtype)
+
+
+def gather_kv(cache, block_ids, n_tokens, dtype, scale=1.0):
+    kv = cache[block_ids].flatten(0, 1)[:n_tokens]
+    if cache.dtype in FP8_KV_DTYPES:
+        return (kv.float() * scale).to(dtype)
+    return kv
+
+
+def paged_attention_ref(q, k, v, positions, meta: AttentionMetadata, layer_idx: int, group: str,
+                        chunk: int | None, scale: float) -> torch.Tensor:
+    """Store this step's K/V, then attend each sequence's queries over its cached context."""
+    k_cache, v_cache = meta.kv_caches[layer_idx]
+    k_scale, v_scale = meta.kv_scales[layer_idx] if meta.kv_scales else (1.0, 1.0)
+    gm = meta.groups[group]
+    store_kv(k, v, k_cache, v_cache, gm.slot_mapping, k_scale, v_scale)
+    bs = meta.block_size
+    out = torch.empty_like(q)
+    for b in range(meta.num_seqs):
+        s, e = meta.query_start_loc[b], meta.query_start_loc[b + 1]
+        if e == s:
+            continue
+        seq_len = meta.seq_lens[b]
+        q_pos = positions[s:e]
+        # Keys before the first query's chunk are never visible (and their blocks may be freed).
+        first = int(q_pos[0]) if chunk is None else (int(q_pos[0]) // chunk) * chunk
+        start_block = 0 if chunk is None else first // bs
+        n_blocks = (seq_len + bs - 1) // bs
+        block_ids = gm.block_tables[b, start_block:n_blocks]
+        if bool((block_ids < 0).any()):
+            raise RuntimeError(f"sequence {b}: KV block needed by layer {layer_idx} was freed")
+        n_tok = seq_len - start_block * bs
+        kb = gather_kv(k_cache, block_ids, n_tok, q.dtype, k_scale)
+        vb = gather_kv(v_cache, block_ids, n_tok, q.dtype, v_scale)
+        k_pos = torch.arange(start_block * bs, seq_len, device=q.device)
+        out[s:e] = sdpa(q[s:e], kb, vb, attention_mask(q_pos, k_pos, chunk), scale)
+    return out
+
+
+def contiguous_attention_ref(q, k, v, positions, chunk: int | None, scale: float) -> torch.Tensor:
+    """One sequence, no cache: every token attends within the sequence itself."""
+    return sdpa(q, k, v, attention_mask(positions, positions, chunk), scale)
