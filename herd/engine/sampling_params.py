@@ -206,10 +206,10 @@ class SamplingParams:
             return
         sequences: list[list[int]] = []
         for word in self.bad_words:
-            for text in (word.lstrip(), " " + word.lstrip()):
-                ids = tokenizer.encode(text, add_special_tokens=False)
+            for prefix in ("", " "):
+                ids = tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
                 if not ids:
-                    if text is word.lstrip():
+                    if not prefix:
                         raise SamplingParamsError(
                             "bad_words entries must tokenize to at least one token.", "bad_words")
                     continue

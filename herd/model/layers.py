@@ -18,10 +18,10 @@ from herd.parallel.context import SINGLE, TPContext
 class RMSNorm(nn.Module):
     """Normalise in fp32, cast back, then scale (HF Llama 4 order of operations)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, has_weight: bool = True):
+    def __init__(self, dim: int, eps: float = 1e-5, has_weight: bool = True, dtype=None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False) if has_weight else None
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False) if has_weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

@@ -182,9 +182,9 @@ class Llama4MoE(nn.Module):
 class Llama4DecoderLayer(nn.Module):
     def __init__(self, cfg, i, dtype, tp, quant, prefix, expert_parallel=False):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = Llama4Attention(cfg, i, dtype, tp, quant, f"{prefix}.self_attn")
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         if cfg.is_moe_layer(i):
             self.feed_forward = Llama4MoE(cfg, dtype, tp, quant, f"{prefix}.feed_forward", expert_parallel)
         else:
@@ -203,7 +203,7 @@ class Llama4Model(nn.Module):
         self.layers = nn.ModuleList(
             Llama4DecoderLayer(cfg, i, dtype, tp, quant, f"{prefix}.layers.{i}", expert_parallel)
             for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
     def forward(self, input_ids, positions, meta, inputs_embeds=None):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
