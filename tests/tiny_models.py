@@ -52,6 +52,7 @@ def make_tiny_checkpoint(path, variant: str, multimodal: bool = False, seed: int
     model.eval()
     path = str(path)
     model.save_pretrained(path, safe_serialization=True)
+    save_tiny_tokenizer(path)
     return path
 
 
@@ -63,3 +64,37 @@ def load_hf(path: str, dtype=torch.float32):
     klass = Llama4ForConditionalGeneration if arch == "Llama4ForConditionalGeneration" else Llama4ForCausalLM
     model = klass.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
+
+
+SPECIAL_TOKENS = ["<|finetune_right_pad|>", "<|begin_of_text|>", "<|eot|>", "<|header_start|>",
+                  "<|header_end|>", "<|end_of_text|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|header_start|>{{ m['role'] }}<|header_end|>\n\n"
+    "{% if m['role'] == 'system' %}{{ m['content'] | trim }}{% else %}{{ m['content'] }}{% endif %}"
+    "<|eot|>{% endfor %}{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}")
+_CORPUS = ["In the beginning was the word, and the word was with the herd.",
+           "The quick brown fox jumps over the lazy dog while the llamas graze.",
+           "héllo wörld, naïve café, 日本語のテキスト, emoji 🙂 and more text to learn merges from.",
+           "Mixture of experts routes each token to one expert and a shared expert."] * 20
+
+
+def save_tiny_tokenizer(path, vocab_size: int = 320):
+    """Byte-level BPE with Llama 4 special tokens at ids 0..5 (pad, bos, eot=eos, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 8, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot|>",
+                                   pad_token="<|finetune_right_pad|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    with open(os.path.join(str(path), "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": [2, 5], "pad_token_id": 0}, f)
+    return path

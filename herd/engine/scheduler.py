@@ -1,0 +1,106 @@
+"""Token-budget continuous batching (vLLM V1 style).
+
+Each step has a budget of `max_num_batched_tokens`. Running sequences go first (a decode costs one
+token, an unfinished prefill continues with as many tokens as fit), then waiting sequences are
+admitted with chunked prefills. When KV blocks run out, the most recently admitted running sequence
+is preempted: its blocks are freed and it is recomputed later (prompt + tokens generated so far).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from herd.config import SchedulerConfig
+from herd.engine.block_manager import BlockManager
+from herd.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_tokens: list[int]   # tokens to compute for each sequence this step
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.max_num_seqs = config.max_num_seqs
+        self.budget = config.max_num_batched_tokens
+        self.chunked_prefill = config.enable_chunked_prefill
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence):
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence):
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.budget
+        seqs, counts = [], []
+        preempted = False
+        scheduled_running: list[Sequence] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                scheduled_running.append(seq)
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
+                i += 1
+                continue
+            break  # seq itself was preempted
+        # Admit waiting sequences only when nothing had to be preempted this step.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.num_computed_tokens == 0:
+                self.block_manager.get_computed_blocks(seq)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if not self.chunked_prefill and remaining > budget:
+                break
+            n = min(remaining, budget)
+            if not self.block_manager.allocate_slots(seq, n):
+                break  # any prefix-cache blocks stay attached; retried next step
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = time.time()
+            self.running.append(seq)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        return ScheduledBatch(seqs, counts)
+
+    def finish(self, seq: Sequence, status: SequenceStatus):
+        seq.status = status
+        self.block_manager.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
