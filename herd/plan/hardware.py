@@ -48,7 +48,7 @@ class DeviceSpec:
 def catalog() -> tuple[DeviceSpec, ...]:
     D = DeviceSpec
     return (
-        D("gaudi2", "Intel Gaudi 2", 96, "HBM2E", 2.45, 432, 865, "E4M3 (Gaudi2)", 240),
+        D("gaudi2", "Intel Gaudi 2", 96, "HBM2E", 2.45, 432, 865, "E4M3", 240),
         D("gaudi3", "Intel Gaudi 3", 128, "HBM2E", 3.7, 1835, 1835, "E4M3FN", 448),
         D("h100", "NVIDIA H100 SXM 80GB", 80, "HBM3", 3.35, 989, 1979, "E4M3FN", 448),
         D("h200", "NVIDIA H200 SXM 141GB", 141, "HBM3e", 4.8, 989, 1979, "E4M3FN", 448),

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from herd.model.config import Llama4TextConfig
 from herd.plan.params import VisionConfig, WeightGroup, weight_groups
 
 BUILTIN_NAMES = ("scout", "maverick")
-_HF_IDS = {"scout": "meta-llama/Llama-4-Scout-17B-16E-Instruct",
-           "maverick": "meta-llama/Llama-4-Maverick-17B-128E-Instruct"}
+_HF_IDS = MappingProxyType({"scout": "meta-llama/Llama-4-Scout-17B-16E-Instruct",
+                            "maverick": "meta-llama/Llama-4-Maverick-17B-128E-Instruct"})
 
 
 def builtin_config(name: str) -> dict[str, Any]:
@@ -60,10 +61,10 @@ class ModelSpec:
     text: Llama4TextConfig
     vision: VisionConfig | None
     checkpoint_dtype: str           # weight precision the checkpoint is stored in: bf16 | fp8 | int4
+    groups: list[WeightGroup] = field(init=False, repr=False)
 
-    @property
-    def groups(self) -> list[WeightGroup]:
-        return weight_groups(self.text, self.vision)
+    def __post_init__(self):
+        self.groups = weight_groups(self.text, self.vision)
 
 
 def _checkpoint_dtype(cfg: dict[str, Any]) -> str:

@@ -130,8 +130,9 @@ def vision_weight_groups(v: VisionConfig, text_hidden: int) -> list[WeightGroup]
         W("vision_model.layers.mlp.fc2 bias", "vision", H, 1, Lv, 0, 1),
         W("vision_model.layers.{input,post_attention}_layernorm", "vision", H, 1, 4 * Lv, 0, 1),
         W("vision_model.vision_adapter.mlp.fc1", "vision", v.projector_input_dim, Iv, 1, 0),
+        # HF builds fc2 as projector_output_dim -> projector_output_dim (equal widths in practice)
         W("vision_model.vision_adapter.mlp.fc2", "vision", v.projector_output_dim,
-          v.projector_input_dim, 1, 0),
+          v.projector_output_dim, 1, 0),
         W("multi_modal_projector.linear_1", "projector", text_hidden, v.vision_output_dim, 1, 0),
     ]
 
