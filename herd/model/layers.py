@@ -177,6 +177,9 @@ class RowParallelLinear(LinearBase):
         self.reduce_results = reduce_results
 
     def weight_loader(self, param, loaded, shard_id=None):
+        if loaded.dim() < 2 or loaded.shape[1] == 1:  # per-output-channel scale: not split
+            copy_checked(param, loaded)
+            return
         n = param.shape[1]
         copy_checked(param, loaded.narrow(1, self.tp.rank * n, n))
 

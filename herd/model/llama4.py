@@ -147,8 +147,8 @@ class FusedMoE(nn.Module):
         if shard_id in ("w1", "w3"):
             dst = param[e].narrow(0, 0 if shard_id == "w1" else I, I)
             src = loaded.narrow(0, r * I, I)
-        elif shard_id == "w2":
-            dst, src = param[e], loaded.narrow(1, r * I, I)
+        elif shard_id == "w2":  # per-output-channel scales [D, 1] are not split along I
+            dst, src = param[e], loaded if loaded.shape[-1] == 1 else loaded.narrow(1, r * I, I)
         else:
             raise ValueError(f"unknown expert shard {shard_id!r}")
         if dst.shape != src.shape:

@@ -23,15 +23,18 @@ from herd.parallel.context import SINGLE, TPContext
 
 # Tensors of the multimodal checkpoint that the text model does not use (loaded by the vision tower).
 _VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
-_STACKED = {  # HF suffix -> (herd suffix, shard id)
-    ".self_attn.q_proj.weight": (".self_attn.qkv_proj.weight", "q"),
-    ".self_attn.k_proj.weight": (".self_attn.qkv_proj.weight", "k"),
-    ".self_attn.v_proj.weight": (".self_attn.qkv_proj.weight", "v"),
-    ".gate_proj.weight": (".gate_up_proj.weight", 0),
-    ".up_proj.weight": (".gate_up_proj.weight", 1),
+_STACKED = {  # HF module suffix -> (herd module suffix, shard id)
+    ".self_attn.q_proj": (".self_attn.qkv_proj", "q"),
+    ".self_attn.k_proj": (".self_attn.qkv_proj", "k"),
+    ".self_attn.v_proj": (".self_attn.qkv_proj", "v"),
+    ".gate_proj": (".gate_up_proj", 0),
+    ".up_proj": (".gate_up_proj", 1),
 }
-_PER_EXPERT = re.compile(r"^(.*\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# Per-expert tensors: weight, and for FP8 checkpoints weight_scale / input_scale.
+_PER_EXPERT = re.compile(r"^(.*\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\."
+                         r"(weight|weight_scale|input_scale)$")
 _EXPERT_SHARD = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_LEAVES = ("weight", "weight_scale", "input_scale")
 
 
 def checkpoint_files(path) -> list[str]:
@@ -64,6 +67,27 @@ def iterate_checkpoint(path: str, desc: str = "Loading weights") -> Iterator[tup
             yield key, handles[fn].get_tensor(key)
     finally:
         handles.clear()
+
+
+def checkpoint_shapes(path) -> dict[str, list[int]]:
+    """Tensor shapes from the safetensors headers (no data is read)."""
+    shapes = {}
+    for fn in checkpoint_files(path):
+        with safe_open(fn, framework="pt") as f:
+            for k in f.keys():
+                shapes[k] = f.get_slice(k).get_shape()
+    return shapes
+
+
+def expand_tensor_scales(weights, shapes: dict[str, list[int]]):
+    """Per-tensor FP8 weight scales become per-channel [rows, 1] so fused layers (q/k/v, gate/up)
+    can keep one scale per output row whatever each part's scale was."""
+    for name, t in weights:
+        if name.endswith(".weight_scale") and t.numel() == 1:
+            wshape = shapes.get(name[: -len("_scale")])
+            if wshape is not None and len(wshape) == 2:
+                t = t.reshape(1, 1).expand(wshape[0], 1).contiguous()
+        yield name, t
 
 
 def _strip(name: str) -> str | None:
@@ -117,16 +141,30 @@ def load_weights(model: Llama4ForCausalLM, weights: Iterator[tuple[str, torch.Te
             continue
         m = _PER_EXPERT.match(name)
         if m:
-            prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
-            pname = f"{prefix}.{'w2_weight' if proj == 'down_proj' else 'w13_weight'}"
-            put(pname, tensor, _EXPERT_SHARD[proj], expert_id=e)
+            prefix, e, proj, leaf = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+            pname = f"{prefix}.{'w2' if proj == 'down_proj' else 'w13'}_{leaf}"
+            if leaf == "input_scale":
+                merge_scale(params.get(pname), tensor, e, pname, unexpected)
+                filled.setdefault(pname, set()).add((proj, e))
+            else:
+                put(pname, tensor, _EXPERT_SHARD[proj], expert_id=e)
             continue
+        module, _, leaf = name.rpartition(".")
         for suffix, (new, shard) in _STACKED.items():
-            if name.endswith(suffix):
-                put(name[: -len(suffix)] + new, tensor, shard)
+            if module.endswith(suffix) and leaf in _LEAVES:
+                pname = f"{module[: -len(suffix)]}{new}.{leaf}"
+                if leaf == "input_scale":  # one scale for the fused input: the max of the parts
+                    merge_scale(params.get(pname), tensor, None, pname, unexpected)
+                    filled.setdefault(pname, set()).add((shard, None))
+                else:
+                    put(pname, tensor, shard)
                 break
         else:
-            put(name, tensor)
+            if leaf == "input_scale":
+                merge_scale(params.get(name), tensor, None, name, unexpected)
+                filled.setdefault(name, set()).add((None, None))
+            else:
+                put(name, tensor)
     if model.config.tie_word_embeddings and "lm_head.weight" not in filled:
         emb = model.model.embed_tokens.weight
         params["lm_head.weight"].data.copy_(emb.data)
@@ -138,6 +176,15 @@ def load_weights(model: Llama4ForCausalLM, weights: Iterator[tuple[str, torch.Te
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
     return set(filled)
+
+
+def merge_scale(param, tensor, expert_id, pname, unexpected):
+    """Static activation scales of layers that share an input are merged by max."""
+    if param is None:
+        unexpected.append(pname)
+        return
+    dst = param.data if expert_id is None else param.data[expert_id]
+    dst.copy_(torch.maximum(dst, tensor.reshape(dst.shape).to(dst.dtype)))
 
 
 def _owner(model, pname):
@@ -158,6 +205,8 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
     cfg = config or Llama4TextConfig.from_pretrained(path)
     with torch.device("cpu"):
         model = Llama4ForCausalLM(cfg, dtype=dtype, tp=tp, quant=quant, expert_parallel=expert_parallel)
-    load_weights(model, weights if weights is not None else iterate_checkpoint(path))
+    if weights is None:
+        weights = expand_tensor_scales(iterate_checkpoint(path), checkpoint_shapes(path))
+    load_weights(model, weights)
     process_weights_after_loading(model)
     return model.to(device).eval()

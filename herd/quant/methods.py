@@ -1,0 +1,170 @@
+"""Quant methods: how a Linear or FusedMoE layer stores its weights and runs its GEMM.
+
+The model asks a factory (`linear(prefix)`, `moe(prefix)`) for each layer's method, so the model
+code never branches on precision. Factories:
+  * Fp8QuantMethods: `--quantization fp8`, BF16 checkpoint quantized at load (per-channel weights,
+    per-token dynamic activations), vLLM's online FP8.
+  * CompressedTensorsQuantMethods: FP8 checkpoints from `herd quantize` / llm-compressor.
+  * INC static scales live in herd.quant.inc_runtime (built from QUANT_CONFIG measurements).
+Weights are quantized on the CPU right after loading, before the model moves to the device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from herd.model.layers import UnquantizedLinearMethod
+from herd.model.llama4 import QuantMethods
+from herd.ops.fp8 import FP8_DTYPE, fp8_linear, quantize_weight
+from herd.ops.moe import fused_moe_ref
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class Fp8LinearMethod:
+    """FP8 E4M3 weight [out, in] + fp32 scale [out, 1]; activations per token (dynamic) or with a
+    static per-tensor `input_scale`."""
+
+    def __init__(self, from_checkpoint: bool = False, static_input: bool = False, weight_scaler=None):
+        self.from_checkpoint, self.static_input = from_checkpoint, static_input
+        # weight_scaler(weight) -> scale [out, 1]; default: per-channel amax / 448
+        self.weight_scaler = weight_scaler
+
+    def create_weights(self, layer, dtype):
+        if not self.from_checkpoint:
+            UnquantizedLinearMethod().create_weights(layer, dtype)
+        else:
+            layer.weight = _param(torch.empty(layer.out_local, layer.in_local, dtype=FP8_DTYPE))
+            layer.weight_scale = _param(torch.ones(layer.out_local, 1, dtype=torch.float32))
+        if self.static_input:
+            layer.input_scale = _param(torch.zeros(1, dtype=torch.float32))
+
+    def process_weights_after_loading(self, layer):
+        if not self.from_checkpoint:
+            w = layer.weight.data
+            if self.weight_scaler is None:
+                wq, scale = quantize_weight(w, per_channel=True)
+            else:
+                scale = self.weight_scaler(w).float().reshape(-1, 1)
+                wq = (w.float() / scale).clamp(-448, 448).to(FP8_DTYPE)
+            layer.weight = _param(wq)
+            layer.weight_scale = _param(scale)
+        if self.static_input and float(layer.input_scale) <= 0:
+            raise ValueError("a static FP8 layer has no input_scale in the checkpoint")
+
+    def apply(self, layer, x):
+        return fp8_linear(x, layer.weight, layer.weight_scale,
+                          layer.input_scale if self.static_input else None)
+
+
+class Fp8MoEMethod:
+    """Per-expert FP8 weights with per-output-channel scales; tokens sorted by expert."""
+
+    def __init__(self, from_checkpoint: bool = False, static_input: bool = False):
+        self.from_checkpoint, self.static_input = from_checkpoint, static_input
+
+    def create_weights(self, layer, dtype):
+        E, D, I = layer.num_local_experts, layer.hidden_size, layer.inter_local
+        wdtype = FP8_DTYPE if self.from_checkpoint else dtype
+        layer.w13_weight = _param(torch.empty(E, 2 * I, D, dtype=wdtype))
+        layer.w2_weight = _param(torch.empty(E, D, I, dtype=wdtype))
+        if self.from_checkpoint:
+            layer.w13_weight_scale = _param(torch.ones(E, 2 * I, 1, dtype=torch.float32))
+            layer.w2_weight_scale = _param(torch.ones(E, D, 1, dtype=torch.float32))
+        if self.static_input:
+            # indexed by global expert id (checkpoint order); experts of other EP ranks stay unused
+            layer.w13_input_scale = _param(torch.zeros(layer.num_experts, dtype=torch.float32))
+            layer.w2_input_scale = _param(torch.zeros(layer.num_experts, dtype=torch.float32))
+
+    def process_weights_after_loading(self, layer):
+        if self.from_checkpoint:
+            return
+        for name in ("w13", "w2"):
+            w = getattr(layer, f"{name}_weight").data
+            qs = [quantize_weight(w[e], per_channel=True) for e in range(w.shape[0])]
+            setattr(layer, f"{name}_weight", _param(torch.stack([q for q, _ in qs])))
+            setattr(layer, f"{name}_weight_scale", _param(torch.stack([s for _, s in qs])))
+
+    def apply(self, layer, x, topk_ids, topk_weights):
+        def linear(h, e, which):
+            scale = getattr(layer, f"{which}_input_scale") if self.static_input else None
+            if scale is not None:
+                scale = scale[self._global(layer, e)].reshape(1)
+            return fp8_linear(h, getattr(layer, f"{which}_weight")[e], getattr(layer, f"{which}_weight_scale")[e],
+                              scale)
+        return fused_moe_ref(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
+                             apply_router_weight_on_input=True, expert_map=layer.expert_map, linear=linear)
+
+    @staticmethod
+    def _global(layer, e):
+        return e + (layer.tp.rank * layer.num_local_experts if layer.ep else 0)
+
+
+def _is_router(prefix: str) -> bool:
+    return prefix.endswith(".router")
+
+
+class Fp8QuantMethods(QuantMethods):
+    """Online FP8 (`--quantization fp8`): every Linear and expert except the router and lm_head."""
+
+    def linear(self, prefix):
+        return None if _is_router(prefix) else Fp8LinearMethod()
+
+    def moe(self, prefix):
+        return Fp8MoEMethod()
+
+
+# herd's fused module -> the HF modules it was built from
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def hf_module_names(prefix: str) -> list[str]:
+    head, _, leaf = prefix.rpartition(".")
+    if leaf == "experts":
+        return [f"{prefix}.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    return [f"{head}.{p}" for p in _FUSED.get(leaf, (leaf,))]
+
+
+class CompressedTensorsQuantMethods(QuantMethods):
+    """FP8 compressed-tensors checkpoints: quantized modules arrive as FP8 + scales, ignored ones
+    stay in the model dtype (the recipe keeps attention, router, lm_head and vision in BF16)."""
+
+    def __init__(self, ct_config):
+        self.ct = ct_config
+        self.static_input = ct_config.is_static_input
+
+    def _ignored(self, prefix: str) -> bool:
+        names = hf_module_names(prefix)
+        flags = [self.ct.is_ignored(n) or self.ct.is_ignored("language_model." + n) for n in names]
+        if any(flags) != all(flags):
+            raise ValueError(f"{prefix}: the checkpoint quantizes only some of {names}; herd fuses them "
+                             "into one layer, so they must share a scheme")
+        return all(flags)
+
+    def linear(self, prefix):
+        if self._ignored(prefix):
+            return None
+        return Fp8LinearMethod(from_checkpoint=True, static_input=self.static_input)
+
+    def moe(self, prefix):
+        if self._ignored(prefix):
+            return None
+        return Fp8MoEMethod(from_checkpoint=True, static_input=self.static_input)
+
+
+def get_quant_methods(config) -> QuantMethods:
+    q = config.quant.quantization
+    if q == "fp8":
+        return Fp8QuantMethods()
+    if q == "compressed-tensors":
+        from herd.quant.compressed_config import CompressedTensorsFP8Config
+        ct = CompressedTensorsFP8Config.from_config(config.model.hf_config.raw)
+        if ct is None:
+            raise ValueError(f"{config.model.model} has no compressed-tensors quantization_config")
+        return CompressedTensorsQuantMethods(ct)
+    if q == "inc":
+        from herd.quant.inc_runtime import get_inc_quant_methods
+        return get_inc_quant_methods(config)
+    raise ValueError(f"unsupported quantization {q!r}")
