@@ -18,6 +18,7 @@ from herd.quant.compressed_config import (
     QuantizationArgs,
     build_quantization_config,
     fp8_scheme,
+    herd_to_hf_modules,
     is_compressed_fp8_checkpoint,
     is_ignored,
     match_name,
@@ -34,7 +35,7 @@ from herd.quant.observers import dequantize_fp8, quantize_fp8, quantize_weight
 
 __all__ = [
     "DEFAULT_IGNORE", "FLOAT_QUANTIZED", "QUANT_METHOD", "CompressedTensorsFP8Config", "FP8Scheme",
-    "QuantizationArgs", "build_quantization_config", "fp8_scheme", "is_compressed_fp8_checkpoint",
+    "QuantizationArgs", "build_quantization_config", "fp8_scheme", "herd_to_hf_modules", "is_compressed_fp8_checkpoint",
     "is_ignored", "match_name", "read_compressed_config", "fuse_expert_tensors", "split_fused_experts",
     "CompressedCheckpoint", "FP8LinearTensors", "load_compressed_checkpoint_tensors",
     "quantize_checkpoint", "dequantize_fp8", "quantize_fp8", "quantize_weight",

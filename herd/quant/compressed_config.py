@@ -120,6 +120,28 @@ def build_quantization_config(scheme: FP8Scheme, ignore: Iterable[str]) -> dict[
     }
 
 
+# herd's fused module suffix -> the HF modules (checkpoint names) stacked in it
+FUSED_TO_HF = {
+    ".self_attn.qkv_proj": (".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj"),
+    ".gate_up_proj": (".gate_proj", ".up_proj"),
+}
+
+
+def herd_to_hf_modules(name: str, hf_prefix: str = "", num_experts: int | None = None) -> list[str]:
+    """HF module names behind herd module `name` (`hf_prefix`: "language_model." for a multimodal
+    checkpoint). A FusedMoE (`...feed_forward.experts`) needs `num_experts`."""
+    if name.endswith(".experts"):
+        if num_experts is None:
+            raise ValueError(f"{name}: num_experts is needed to name the per-expert modules")
+        projs = ("gate_proj", "up_proj", "down_proj")
+        return [f"{hf_prefix}{name}.{e}.{p}" for e in range(num_experts) for p in projs]
+    for suffix, hf_suffixes in FUSED_TO_HF.items():
+        if name.endswith(suffix):
+            base = name[: -len(suffix)]
+            return [hf_prefix + base + s for s in hf_suffixes]
+    return [hf_prefix + name]
+
+
 def match_name(name: str, pattern: str) -> bool:
     """compressed-tensors matching: `re:` patterns use re.match (anchored at the start only),
     anything else must equal the module name."""
@@ -162,6 +184,15 @@ class CompressedTensorsFP8Config:
 
     def is_quantized(self, module_name: str) -> bool:
         return not self.is_ignored(module_name)
+
+    def is_layer_skipped(self, prefix: str, hf_prefix: str = "", num_experts: int | None = None) -> bool:
+        """Whether herd module `prefix` (fused names: qkv_proj, gate_up_proj, experts) stays unquantized.
+        All HF modules stacked in it must agree, as vLLM requires."""
+        shards = herd_to_hf_modules(prefix, hf_prefix, num_experts)
+        skipped = {s: self.is_ignored(s) for s in shards}
+        if len(set(skipped.values())) > 1:
+            raise ValueError(f"{prefix}: its parts must be all quantized or all ignored, got {skipped}")
+        return skipped[shards[0]]
 
     @classmethod
     def from_config(cls, hf_config: dict[str, Any]) -> "CompressedTensorsFP8Config | None":

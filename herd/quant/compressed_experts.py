@@ -72,7 +72,8 @@ def fuse_expert_tensors(
         missing = [(p, e) for p in ("gate_proj", "up_proj", "down_proj") for e in range(n) if (p, e) not in parts]
         if missing:
             raise ValueError(f"{prefix}: missing per-expert weights {missing[:4]}")
-        gate_up = torch.stack([torch.cat([parts["gate_proj", e].t(), parts["up_proj", e].t()], dim=1) for e in range(n)])
+        gate_up = torch.stack(
+            [torch.cat([parts["gate_proj", e].t(), parts["up_proj", e].t()], dim=1) for e in range(n)])
         down = torch.stack([parts["down_proj", e].t() for e in range(n)])
         return [(prefix + ".gate_up_proj", gate_up), (prefix + ".down_proj", down)]
 

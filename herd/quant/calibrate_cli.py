@@ -1,0 +1,276 @@
+"""`herd calibrate`: INC-compatible FP8 calibration, the flow of vLLM-HPU's calibrate_model.sh.
+
+  1. prompts: a local dataset (.pkl DataFrame / .jsonl / .parquet with `system_prompt` and
+     `question`), optionally shuffled (seed 42) and cut to -l rows, formatted with the chat template
+  2. QUANT_CONFIGs: <OUT>/<model>/maxabs_measure_<dev>.json and maxabs_quant_<dev>.json, both with
+     dump_stats_path = <OUT>/<model>/<dev>/inc_output
+  3. measure: run the model over the prompts in MEASURE mode (per-rank maxabs files)
+  4. post-process (step 3), expert coverage report, optional unification to -r ranks
+Serve afterwards with QUANT_CONFIG=<OUT>/<model>/maxabs_quant_<dev>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from herd.quant.formats import ScaleDevice
+from herd.quant.inc_config import IncQuantConfig
+from herd.quant.inc_methods import PRESETS, ScaleMethod
+from herd.quant.inc_nodes import find_measurement_sets
+from herd.quant.inc_unify import (coverage_report, format_coverage, load_rank_set, postprocess, unify_files,
+                                  write_coverage_report)
+
+REQUIRED_FIELDS = ("system_prompt", "question")
+SHUFFLE_SEED = 42
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("example:\n  herd calibrate -m /models/Llama-4-Scout-17B-16E-Instruct "
+                     "-d open_orca_gpt4_tokenized_llama.calibration_1000.pkl -o ./calib -l 512 -t 8\n"
+                     "then serve with QUANT_CONFIG=./calib/llama-4-scout-17b-16e-instruct/maxabs_quant_cuda.json")
+    parser.add_argument("-m", "--model", required=True,
+                        help="path to the model folder (HF checkpoint); its last path component, lower-cased, "
+                             "names the output subfolder")
+    parser.add_argument("-d", "--dataset", required=True,
+                        help="calibration dataset: a local .pkl (pandas DataFrame, e.g. MLCommons "
+                             "open_orca_gpt4_tokenized_llama.calibration_1000.pkl), .jsonl or .parquet file "
+                             "with `system_prompt` and `question` columns")
+    parser.add_argument("-o", "--output-dir", required=True,
+                        help="output directory; configs and measurements go to <OUT>/<model_name>/")
+    parser.add_argument("-b", "--batch-size", type=int, default=32,
+                        help="prompts per generate() call while measuring (default: 32)")
+    parser.add_argument("-l", "--limit", type=int, default=None,
+                        help="use only this many samples, drawn after a shuffle with seed 42 (default: all)")
+    parser.add_argument("-t", "--tensor-parallel-size", type=int, default=1,
+                        help="tensor parallel size to measure with (default: 1)")
+    parser.add_argument("-r", "--target-ranks", type=int, default=None,
+                        help="also unify the measurements to this many ranks (fewer or more than -t)")
+    parser.add_argument("-u", "--expert-parallel", action="store_true",
+                        help="measurements come from an expert-parallel run: unify by concatenating "
+                             "each rank's experts instead of taking the max")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "g2", "g3"],
+                        help="accelerator the scales are for: cuda (E4M3FN, any float scale), g2 (Gaudi2, "
+                             "range 240) or g3 (Gaudi3); names the config files (default: cuda)")
+    static = [m.value for m in ScaleMethod if not PRESETS[m].dynamic]
+    parser.add_argument("--scale-method", default="maxabs_hw", type=str.lower, choices=static, metavar="METHOD",
+                        help="scale_method written into the QUANTIZE config (default: maxabs_hw); one of "
+                             + ", ".join(static))
+
+
+# ---- dataset ------------------------------------------------------------------------------------
+def load_dataset(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path} (herd reads local .pkl, .jsonl or .parquet "
+                                "files; it does not download datasets)")
+    suffix = path.suffix.lower()
+    if suffix in (".pkl", ".pickle"):
+        rows = _rows_from_object(_read_pickle(path), path)
+    elif suffix in (".jsonl", ".json"):
+        rows = _read_jsonl(path)
+    elif suffix == ".parquet":
+        rows = _read_parquet(path)
+    else:
+        raise ValueError(f"{path}: unsupported dataset format {suffix!r}; use .pkl, .jsonl or .parquet")
+    return validate_rows(rows, path)
+
+
+def _read_pickle(path: Path):
+    warnings.warn(f"loading {path} with pickle: unpickling can run arbitrary code, use only files you trust",
+                  stacklevel=3)
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "pandas":
+            raise RuntimeError(f"{path} holds a pandas DataFrame but pandas is not installed; "
+                               "`pip install pandas`, or convert the file to JSON Lines") from None
+        raise
+
+
+def _rows_from_object(obj, path: Path) -> list[dict]:
+    if hasattr(obj, "to_dict") and hasattr(obj, "columns"):   # pandas DataFrame
+        return obj.to_dict("records")
+    if isinstance(obj, list) and all(isinstance(r, dict) for r in obj):
+        return obj
+    if isinstance(obj, dict) and all(isinstance(v, list) for v in obj.values()):
+        n = {len(v) for v in obj.values()}
+        if len(n) != 1:
+            raise ValueError(f"{path}: columns have different lengths {sorted(n)}")
+        return [dict(zip(obj, vals)) for vals in zip(*obj.values())]
+    raise ValueError(f"{path}: expected a DataFrame, a list of records or a dict of columns, "
+                     f"got {type(obj).__name__}")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RuntimeError(f"reading {path} needs pyarrow, which is not installed; `pip install pyarrow`, "
+                           "or convert the file to JSON Lines") from None
+    return pq.read_table(path).to_pylist()
+
+
+def validate_rows(rows: list, path: Path | str = "dataset") -> list[dict]:
+    if not rows:
+        raise ValueError(f"{path}: the dataset is empty")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {i} is not a record")
+        for key in REQUIRED_FIELDS:
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"{path}: row {i} needs a string {key!r} field "
+                                 f"(columns: {sorted(row)})")
+    return rows
+
+
+def select_samples(rows: list[dict], limit: int | None, seed: int = SHUFFLE_SEED) -> list[dict]:
+    """Shuffle with seed 42 and keep `limit` rows. numpy's RandomState(42).permutation is what pandas'
+    df.sample(frac=1, random_state=42) draws, so the same rows are picked as by calibrate_model.sh."""
+    if limit is None:
+        return list(rows)
+    if limit <= 0:
+        raise ValueError(f"--limit must be positive, got {limit}")
+    order = np.random.RandomState(seed).permutation(len(rows))[:limit]
+    return [rows[i] for i in order]
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+def conversation(row: dict, model_name: str = "") -> list[dict]:
+    if "mixtral" in model_name.lower():  # Mixtral's template rejects a system role
+        return [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["system_prompt"]}]
+    return [{"role": "system", "content": row["system_prompt"]}, {"role": "user", "content": row["question"]}]
+
+
+def format_prompt(row: dict, tokenizer=None, model_name: str = "") -> str:
+    """Chat-template text; `{system_prompt}. {question}` when there is no template (ValueError)."""
+    if tokenizer is not None:
+        try:
+            return tokenizer.apply_chat_template(conversation(row, model_name), tokenize=False)
+        except ValueError:
+            pass
+    return f"{row['system_prompt']}. {row['question']}"
+
+
+def format_prompts(rows: list[dict], tokenizer=None, model_name: str = "") -> list[str]:
+    return [format_prompt(r, tokenizer, model_name) for r in tqdm(rows, desc="prompts", disable=len(rows) < 100)]
+
+
+def load_tokenizer(model_path: str):
+    if not Path(model_path).is_dir():
+        raise RuntimeError(f"model folder not found: {model_path} (herd calibrates local checkpoints)")
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"cannot load the tokenizer from {model_path}: {e}") from None
+
+
+# ---- configs ------------------------------------------------------------------------------------
+def model_name_of(model_path: str) -> str:
+    return Path(str(model_path).rstrip("/")).name.lower()
+
+
+def write_quant_configs(model_root: Path, device: str, scale_method: str = "maxabs_hw") -> tuple[Path, Path, Path]:
+    """Write maxabs_measure_<dev>.json and maxabs_quant_<dev>.json (the configs calibrate_model.sh
+    generates); returns (measure config, quant config, dump_stats_path prefix)."""
+    dev = ScaleDevice.parse(device)
+    prefix = (model_root / dev.tag / "inc_output").resolve()
+    empty = {"types": [], "names": []}
+    measure = {"method": "HOOKS", "mode": "MEASURE", "observer": "maxabs", "allowlist": empty,
+               "blocklist": empty, "quantize_weight": False, "dump_stats_path": str(prefix)}
+    quant = {"mode": "QUANTIZE", "observer": "maxabs", "scale_method": scale_method, "allowlist": empty,
+             "blocklist": empty, "dump_stats_path": str(prefix)}
+    if dev is ScaleDevice.CUDA:  # Gaudi configs stay byte-for-byte what INC expects (current device)
+        quant["device_for_scales"] = "CUDA"
+    model_root.mkdir(parents=True, exist_ok=True)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = model_root / f"maxabs_measure_{dev.tag}.json", model_root / f"maxabs_quant_{dev.tag}.json"
+    for path, cfg in zip(paths, (measure, quant)):
+        path.write_text(json.dumps(cfg, indent=4) + "\n")
+        IncQuantConfig.from_json_file(path)  # what we write must parse
+    return paths[0], paths[1], prefix
+
+
+# ---- the engine seam ----------------------------------------------------------------------------
+def measure(model_path: str, prompts: list[str], quant_config: IncQuantConfig, batch_size: int, tp: int) -> None:
+    """Run the model over `prompts` in MEASURE mode with `tp` ranks, `batch_size` prompts per step,
+    a MeasurementCollector per rank writing `quant_config.dump_stats_path` files at the end."""
+    raise NotImplementedError("needs the engine")
+
+
+def after_measure(prefix: Path, world: int, target_ranks: int | None, expert_parallel: bool) -> dict:
+    """Step 3 post-processing, coverage report, optional unification; returns the coverage report."""
+    sets = find_measurement_sets(prefix)
+    if world not in sets:
+        raise FileNotFoundError(f"the measure step wrote no files for {world} rank(s) under {prefix} "
+                                f"(found world sizes {sorted(sets)})")
+    ranks = load_rank_set(prefix, world)
+    for rank, meas in enumerate(ranks):
+        if postprocess(meas):
+            stem = str(sets[world][rank].with_suffix(""))
+            meas.save(stem, with_mod_list=False)
+    report = coverage_report(ranks, expert_parallel)
+    write_coverage_report(report, Path(f"{prefix}_coverage.json"))
+    print(format_coverage(report))
+    if target_ranks is not None and target_ranks != world:
+        unify_files(prefix, target_ranks, source_world=world, expert_parallel=expert_parallel)
+        print(f"unified {world} -> {target_ranks} rank(s): {prefix}_hooks_maxabs_<i>_{target_ranks}.npz")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag, value in (("--batch-size", args.batch_size), ("--tensor-parallel-size", args.tensor_parallel_size),
+                        ("--target-ranks", args.target_ranks or 1)):
+        if value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        rows = select_samples(load_dataset(args.dataset), args.limit)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model_name = model_name_of(args.model)
+    model_root = Path(args.output_dir) / model_name
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prompts = format_prompts(rows, tokenizer, model_name)
+    measure_cfg, quant_cfg, prefix = write_quant_configs(model_root, args.device, args.scale_method)
+    with open(model_root / "calibration_prompts.jsonl", "w") as f:
+        for p in prompts:
+            f.write(json.dumps({"input": p}) + "\n")
+    print(f"{len(prompts)} prompts; measure config {measure_cfg}; quant config {quant_cfg}")
+    try:
+        measure(args.model, prompts, IncQuantConfig.from_json_file(measure_cfg), args.batch_size,
+                args.tensor_parallel_size)
+    except NotImplementedError as e:
+        print(f"error: the measure step is not available ({e})", file=sys.stderr)
+        return 1
+    after_measure(prefix, args.tensor_parallel_size, args.target_ranks, args.expert_parallel)
+    ranks = args.target_ranks or args.tensor_parallel_size
+    print(f"serve with:\n  QUANT_CONFIG={quant_cfg} herd serve {args.model} --quantization inc "
+          f"--kv-cache-dtype fp8_inc --tensor-parallel-size {ranks}")
+    return 0

@@ -1,0 +1,95 @@
+"""`herd quantize`: one-shot FP8 export of a HF Llama 4 checkpoint in the compressed-tensors format.
+
+  herd quantize -m Llama-4-Scout-17B-16E-Instruct -o Scout-FP8-dynamic --scheme fp8-dynamic
+  herd quantize -m MODEL -o OUT --scheme fp8 --calib-data prompts.jsonl --num-calibration-samples 512
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from herd.quant.compressed_config import DEFAULT_IGNORE, SCHEME_NAMES
+from herd.quant.observers import OBSERVERS
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 5GB, 500MB, 2GiB")
+    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", required=True, help="HF checkpoint folder (bf16 Llama 4)")
+    parser.add_argument("-o", "--output", required=True, help="output folder for the FP8 checkpoint")
+    parser.add_argument("--scheme", choices=SCHEME_NAMES, default="fp8-dynamic",
+                        help="fp8-dynamic: per-channel weights, per-token dynamic activations (no data); "
+                             "fp8: per-tensor weights, static activation scales (needs calibration)")
+    parser.add_argument("--ignore", nargs="+", metavar="NAME", default=None,
+                        help="Linear modules to keep unquantized: exact names or 're:' regexes, replacing the "
+                             f"default {' '.join(DEFAULT_IGNORE)}")
+    parser.add_argument("--extra-ignore", nargs="+", metavar="NAME", default=[],
+                        help="more modules to keep unquantized, added to the ignore list")
+    parser.add_argument("--observer", choices=OBSERVERS, default="mse",
+                        help="weight scale observer (mse: shrink-factor grid search; minmax: amax/448)")
+    parser.add_argument("--max-shard-size", type=parse_size, default="5GB", help="output shard size (default 5GB)")
+    parser.add_argument("--device", default="cpu", help="device for the observer math (e.g. cuda)")
+    calib = parser.add_argument_group("static activation scales (--scheme fp8)")
+    calib.add_argument("--input-amax", metavar="JSON", help="precomputed {HF module name: max |input|}")
+    calib.add_argument("--calib-data", metavar="FILE",
+                       help=".txt (one prompt per line) or .jsonl ('text' or 'prompt' field)")
+    calib.add_argument("--num-calibration-samples", type=int, default=512)
+    calib.add_argument("--max-seq-length", type=int, default=2048)
+    calib.add_argument("--save-input-amax", metavar="JSON", help="write the measured amax values here")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _input_amax(args) -> dict[str, float] | None:
+    if args.scheme != "fp8":
+        if args.input_amax or args.calib_data:
+            print("note: --input-amax / --calib-data are only used by --scheme fp8", file=sys.stderr)
+        return None
+    if args.input_amax:
+        with open(args.input_amax) as f:
+            return {str(k): float(v) for k, v in json.load(f).items()}
+    if not args.calib_data:
+        raise ValueError("--scheme fp8 needs --calib-data FILE (or --input-amax JSON) for static activation scales")
+    from herd.quant.compressed_calib import calibrate_input_amax, load_calibration_sequences
+
+    seqs = load_calibration_sequences(args.calib_data, args.model, args.num_calibration_samples, args.max_seq_length)
+    amax = calibrate_input_amax(args.model, seqs, device=args.device, progress=not args.no_progress)
+    if args.save_input_amax:
+        with open(args.save_input_amax, "w") as f:
+            json.dump(amax, f, indent=2, sort_keys=True)
+    return amax
+
+
+def run(args) -> int:
+    from herd.quant.compressed_writer import quantize_checkpoint
+
+    try:
+        ignore = list(DEFAULT_IGNORE if args.ignore is None else args.ignore) + list(args.extra_ignore)
+        result = quantize_checkpoint(
+            args.model, args.output, scheme=args.scheme, ignore=ignore, observer=args.observer,
+            input_amax=_input_amax(args), max_shard_bytes=args.max_shard_size, device=args.device,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"herd quantize: error: {err}", file=sys.stderr)
+        return 2
+    for pattern in result.unused_ignore_patterns:
+        if pattern in DEFAULT_IGNORE:
+            continue  # e.g. no vision tower in a text-only checkpoint
+        print(f"warning: ignore pattern {pattern!r} matched no Linear module", file=sys.stderr)
+    print(f"wrote {result.output_path}: {len(result.quantized)} Linear modules in FP8 ({args.scheme}), "
+          f"{len(result.ignored)} kept unquantized, {len(result.shards)} shard(s)")
+    return 0

@@ -1,0 +1,757 @@
+import json
+import pickle
+import sys
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from herd.quant import calibrate_cli as cli
+from herd.quant.formats import E4M3_GAUDI2, E4M3FN, ScaleDevice
+from herd.quant.inc import (PRESETS, IncNode, IncQuantConfig, MeasurementCollector, Measurements, NodeStats,
+                            QuantConfigError, ScaleFile, ScaleMethod, activation_scale, backup_existing,
+                            compute_scales, coverage_report, expand_experts, fill_cold_experts, format_coverage,
+                            herd_target, inc_nodes_for_module, measurement_stem, node_scales, overlapping_ranks,
+                            postprocess, scale_file_stem, scales_for_rank, unify, unify_files,
+                            weight_scale)
+
+G2, G3, CUDA = ScaleDevice.GAUDI2, ScaleDevice.GAUDI3, ScaleDevice.CUDA
+L0 = "model.layers.0"
+MOE = f"{L0}.feed_forward.experts.moe_op"
+
+
+def cfg(**kw) -> IncQuantConfig:
+    return IncQuantConfig.from_dict(kw)
+
+
+def rules(method: str, **kw):
+    return cfg(scale_method=method, **kw).rules_for("x")
+
+
+# ================================ QUANT_CONFIG ==================================================
+def test_parse_spec_examples():
+    m = cfg(method="HOOKS", mode="MEASURE", observer="maxabs", dump_stats_path="./hqt_output/measure")
+    assert (m.mode, m.observer, m.dump_stats_path) == ("MEASURE", "maxabs", "./hqt_output/measure")
+    assert m.extra == {"method": "HOOKS"}                       # unknown keys kept
+    q = cfg(mode="QUANTIZE", observer="maxabs", scale_method="maxabs_hw", scale_format="SCALAR", use_qdq="True",
+            quantize_weight=False, blocklist={"types": [], "names": ["matmul_qk", "matmul_av", "lm_head"]})
+    assert q.method_name == "MAXABS_HW" and q.use_qdq is True and q.extra == {"quantize_weight": False}
+    assert q.blocklist.names == ("matmul_qk", "matmul_av", "lm_head")
+    d = cfg(mode="QUANTIZE", observer="maxabs", scale_format="CONST", dynamic_quantization=True,
+            scale_method="act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw", dump_stats_path="")
+    assert d.scale_method.dynamic and not d.needs_measurements and d.effective_scale_format == "CONST"
+
+
+def test_defaults_and_case_rules():
+    c = cfg()
+    assert (c.mode, c.scale_method.name, c.measure_exclude, c.scale_format, c.hp_dtype, c.fp8_config) == \
+        ("QUANTIZE", ScaleMethod.MAXABS_HW, "OUTPUT", "SCALAR", "BF16", "E4M3")
+    # enum values are case-insensitive ...
+    c = cfg(mode="measure", scale_method="Maxabs_Pow2", measure_exclude="none", hp_dtype="fp32", observer="MAXABS")
+    assert (c.mode, c.method_name, c.measure_exclude, c.hp_torch_dtype) == ("MEASURE", "MAXABS_POW2", "NONE",
+                                                                            torch.float32)
+    # ... keys are not: "Mode" is an unknown key and the default mode stays
+    c = cfg(Mode="MEASURE")
+    assert c.mode == "QUANTIZE" and c.extra == {"Mode": "MEASURE"}
+
+
+def test_legacy_list_names_and_pcs_forces_const():
+    c = cfg(whitelist={"types": ["RowParallelLinear"]}, blacklist={"names": ["lm_head"]},
+            scale_method="act_maxabs_hw_weights_pcs_maxabs_pow2")
+    assert c.allowlist.types == ("RowParallelLinear",) and c.blocklist.names == ("lm_head",)
+    assert c.effective_scale_format == "CONST"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"mode": "CALIBRATE"}, "invalid mode"),
+    ({"observer": "save"}, "implements only 'maxabs'"),
+    ({"observer": "minmax"}, "invalid observer"),
+    ({"scale_method": "maxabs_hwx"}, "unknown scale_method"),
+    ({"allowlist": {"type": ["Linear"]}}, "unknown key"),
+    ({"blocklist": {"names": ["("]}}, "bad regular expression"),
+    ({"blocklist": {"names": "lm_head"}}, "list of strings"),
+    ({"allowlist": {}, "whitelist": {}}, "not both"),
+    ({"scale_method": "maxabs_pcs_pow2"}, "needs \"dynamic_quantization\": true"),
+    ({"dynamic_quantization": True}, "needs a dynamic scale_method"),
+    ({"dynamic_quantization": True, "mode": "MEASURE", "scale_method": "maxabs_pcs_pow2"}, "QUANTIZE/LOAD"),
+    ({"dynamic_quantization": True, "use_qdq": True, "scale_method": "maxabs_pcs_pow2"}, "use_qdq"),
+    ({"mod_dict": {"A": "linear"}}, "mod_dict must be empty"),
+    ({"calibration_sample_interval": -1}, "calibration_sample_interval"),
+    ({"scale_params": {"input_backoff": 0}}, "positive number"),
+    ({"use_qdq": "maybe"}, "true or false"),
+    ({"device_for_scales": "GAUDI4"}, "GAUDI2, GAUDI3 or CUDA"),
+    ({"fp8_config": "E3M4"}, "invalid fp8_config"),
+    ({"dump_stats_path": 3}, "dump_stats_path must be a string"),
+    ({"inc_version": "three"}, "inc_version"),
+])
+def test_config_errors(raw, message):
+    with pytest.raises(QuantConfigError, match=message):
+        IncQuantConfig.from_dict(raw)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(QuantConfigError, match="not found"):
+        IncQuantConfig.from_json_file(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{mode: MEASURE")
+    with pytest.raises(QuantConfigError, match="not valid JSON"):
+        IncQuantConfig.from_json_file(bad)
+    bad.write_text(json.dumps({"mode": "X"}))
+    with pytest.raises(QuantConfigError, match=str(bad)):
+        IncQuantConfig.from_json_file(bad)
+
+
+def test_scale_method_dict_form():
+    sm = {"default": {"weight": {"rounding_method": "hw_aligned", "backoff": 0.5},
+                      "activation": {"rounding_method": "HW_ALIGNED", "backoff": 0.25}},
+          "nodes": {f"{L0}.self_attn.o_proj": {"activation": {"backoff": 0.125}}},
+          "layers": {"3": {"weight": {"granularity": "PCS", "rounding_method": "POW2"},
+                           "activation": {"rounding_method": "POW2"}}},
+          "layer_types": {"MoeMatmul": {"weight": {"scale_value_type": "OPT"}}}}
+    c = cfg(scale_method=sm)
+    assert c.scale_method.from_dict and c.method_name == "MAXABS_HW"
+    w, a, _ = c.rules_for(f"{L0}.self_attn.o_proj", "RowParallelLinear")
+    assert (w.backoff, a.backoff, a.rounding.name) == (0.5, 0.125, "HW_ALIGNED")   # node override inherits
+    w, a, _ = c.rules_for("model.layers.3.self_attn.qkv_proj", "QKVParallelLinear")
+    assert (w.granularity.name, w.rounding.name, a.rounding.name) == ("PCS", "POW2", "POW2")
+    w, _, _ = c.rules_for(f"{MOE}.w13_list.0", "MoeMatmul")
+    assert w.value_type.name == "OPT" and w.params["weight_scales"] is None          # params from the preset
+    w, a, _ = c.rules_for("lm_head", "ParallelLMHead")
+    assert (w.value_type.name, a.backoff) == ("MAXABS", 0.25)
+    # a missing field of the default gets INC's built-in default: IDENTITY rounding, backoff 1.0
+    c = cfg(scale_method={"default": {"weight": {}, "activation": {}}})
+    w, a, _ = c.rules_for("x")
+    assert c.method_name == "MAXABS_ARBITRARY" and (w.backoff, a.backoff) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("sm, message", [
+    ({"nodes": {}}, "needs a 'default'"),
+    ({"default": {"weight": {"rounding_method": "POW2"}, "activation": {"rounding_method": "HW_ALIGNED"}}},
+     "matches no predefined scale method"),
+    ({"default": {"weight": {"granularity": "PXS"}}}, "invalid Granularity"),
+    ({"default": {"weight": {"backof": 1}}}, "unknown key"),
+    ({"default": {}, "layers": {"x": {}}}, "layer indices"),
+    ({"default": {}, "groups": {}}, "unknown key"),
+])
+def test_scale_method_dict_errors(sm, message):
+    with pytest.raises(QuantConfigError, match=message):
+        cfg(scale_method=sm)
+
+
+def test_backoff_follows_inc_version():
+    with pytest.warns(UserWarning, match="ignored"):
+        c = cfg(scale_method="maxabs_arbitrary", scale_params={"input_backoff": 0.5, "weight_backoff": 1.0})
+    w, a, o = c.rules_for("x")
+    assert (w.backoff, a.backoff, o.backoff) == (0.5, 0.25, 0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = cfg(scale_method="maxabs_arbitrary", inc_version="3.4.1",
+                scale_params={"input_backoff": 0.5, "weight_backoff": 1.0, "output_backoff": 0.125})
+    w, a, o = c.rules_for("x")
+    assert (w.backoff, a.backoff, o.backoff) == (1.0, 0.5, 0.125)
+    assert activation_scale(10.0, a, G3, E4M3FN) == pytest.approx(10 / (448 * 0.5))
+    dyn = dict(dynamic_quantization=True, scale_method="maxabs_pcs_pow2")
+    assert cfg(**dyn).rules_for("x")[1].backoff == 0.5                       # INC >= 3.8.1
+    assert cfg(inc_version="3.8", **dyn).rules_for("x")[1].backoff == 1.0
+
+
+# ================================ scale formulas ================================================
+def test_worked_example_maxabs_hw():
+    w, a, _ = rules("maxabs_hw")
+    assert activation_scale(10.0, a, G2, E4M3_GAUDI2) == 1.0
+    assert activation_scale(10.0, a, G3, E4M3FN) == 0.125
+    assert float(weight_scale(w, G2, E4M3_GAUDI2, amax=0.5)) == 1 / 16
+    assert float(weight_scale(w, G3, E4M3FN, torch.tensor([[0.5, -0.25]]))) == 2.0 ** -8
+
+
+def test_maxabs_hw_clamps_and_zero():
+    _, a, _ = rules("maxabs_hw")
+    assert activation_scale(1e4, a, G2, E4M3_GAUDI2) == 16.0        # 2^6 -> step 4 -> 2^8 -> clamp 2^4
+    assert activation_scale(1e6, a, G3, E4M3FN) == 128.0
+    assert activation_scale(1e-3, a, G2, E4M3_GAUDI2) == 2.0 ** -8  # 2^-16 clamps up to min
+    assert activation_scale(0.0, a, G2, E4M3_GAUDI2) == 2.0 ** -8
+    assert activation_scale(0.0, a, G3, E4M3FN) == 2.0 ** -55
+    assert activation_scale(3.0, a, G2, E4M3_GAUDI2) == 1 / 16      # 3/60 = 0.05 -> 2^-4
+    # CUDA: any float scale is hardware aligned; zero amax gets the neutral 1
+    assert activation_scale(10.0, a, CUDA, E4M3FN) == pytest.approx(10 / 112)
+    assert activation_scale(0.0, a, CUDA, E4M3FN) == 1.0
+
+
+def test_maxabs_pow2_and_arbitrary():
+    w, a, _ = rules("maxabs_pow2")
+    assert activation_scale(10.0, a, G3, E4M3FN) == 0.125           # 0.0893 -> 2^-3
+    assert activation_scale(10.0, a, G2, E4M3_GAUDI2) == 0.25       # 0.1667 -> 2^-2 (no HW step)
+    assert activation_scale(0.0, a, G3, E4M3FN) == 0.0              # INC: pow2 of 0 is 0
+    assert float(weight_scale(w, G3, E4M3FN, amax=0.5)) == 2.0 ** -8
+    assert float(weight_scale(w, G3, E4M3FN, amax=0.4375)) == 2.0 ** -9  # 0.4375/224 = 2^-9 exactly stays
+    w, a, _ = rules("maxabs_arbitrary")
+    assert activation_scale(10.0, a, G3, E4M3FN) == pytest.approx(10 / 112)
+    assert float(weight_scale(w, G2, E4M3_GAUDI2, amax=0.5)) == pytest.approx(0.5 / 120)
+
+
+def test_unit_and_single_scale():
+    w, a, _ = rules("unit_scale")
+    assert activation_scale(123.0, a, G3, E4M3FN) == 1.0 and float(weight_scale(w, G3, E4M3FN)) == 1.0
+    w, a, _ = rules("hw_aligned_single_scale")
+    assert activation_scale(5.0, a, G2, E4M3_GAUDI2) == 16.0 and float(weight_scale(w, G3, E4M3FN)) == 128.0
+
+
+def test_pcs_maxabs_pow2_weight():
+    w, _, _ = rules("act_maxabs_hw_weights_pcs_maxabs_pow2")
+    W = torch.tensor([[1.0, -0.5], [0.1, 0.0], [0.0, 0.0]])
+    s = weight_scale(w, G3, E4M3FN, W)
+    # 1/224 -> 2^-7; 0.1/224 -> 2^-11; all-zero row -> tiny_bf16 -> 2^-126
+    assert s.tolist() == [2.0 ** -7, 2.0 ** -11, 2.0 ** -126]
+    with pytest.raises(ValueError, match="need the weight tensor"):
+        weight_scale(w, G3, E4M3FN, amax=1.0)
+
+
+def test_opt_pts_weight_hw_set_ties_go_to_the_later_candidate():
+    w, _, _ = rules("maxabs_hw_opt_weight")
+    # candidates [16, 1, 1/16, 1/256]: 16, 1 and 1/16 all reproduce W exactly; the last of them wins
+    assert float(weight_scale(w, G2, E4M3_GAUDI2, torch.tensor([[1.0, 2.0, -3.0]]))) == 1 / 16
+    # 200 -> 192 at s=1 and 12.5 -> 12 at s=16: equal error 8, the later candidate (1) wins
+    assert float(weight_scale(w, G2, E4M3_GAUDI2, torch.tensor([[200.0]]))) == 1.0
+
+
+def test_opt_pts_weight_pow2_ladder():
+    w, _, _ = rules("maxabs_pow2_opt_weight")
+    # 1, 2, 3 are exact fp8 subnormals at the largest candidate 2^9 (1/512 = 2^-9 ...)
+    assert float(weight_scale(w, G3, E4M3FN, torch.tensor([[1.0, 2.0, -3.0]]))) == 512.0
+
+
+def test_opt_pcs_weight_first_minimum():
+    w, _, _ = rules("act_maxabs_pow2_weights_pcs_opt_pow2")
+    W = torch.tensor([[1.0, 0.5], [0.0, 0.0]])
+    s = weight_scale(w, G3, E4M3FN, W)
+    # row 0: s_ref = 2^-7; mu = 1/8, 1/4 saturate (1024, 512 > 448), mu = 1/2 is exact -> 2^-8
+    # row 1: every mu is exact, the first (1/8) wins -> 2^-126 / 8
+    assert s.tolist() == [2.0 ** -8, 2.0 ** -129]
+    w, _, _ = rules("act_maxabs_hw_weights_pcs_opt_pow2")
+    assert weight_scale(w, G3, E4M3FN, W).tolist() == [2.0 ** -8, 2.0 ** -129]
+
+
+def test_dynamic_method_weight_scale():
+    c = cfg(dynamic_quantization=True, scale_method="act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw")
+    w, a, _ = c.rules_for("x")
+    assert float(weight_scale(w, G2, E4M3_GAUDI2, amax=0.5)) == 1 / 16
+    with pytest.raises(ValueError, match="run time"):
+        activation_scale(1.0, a, G3, E4M3FN)
+    ns = node_scales("lin", "linear", NodeStats([3.0], None, 0.5), c.rules_for("x"), G3, E4M3FN)
+    assert ns.inputs == [] and float(ns.weight) == 2.0 ** -8
+
+
+def test_node_scales_per_op():
+    r = rules("maxabs_hw")
+    lin = node_scales("q", "linear", NodeStats([10.0], None, 0.5), r, G3, E4M3FN)
+    assert (lin.inputs, float(lin.weight)) == ([0.125], 2.0 ** -8)
+    assert float(lin.outputs[0]) == 0.125 * 2.0 ** -8                              # s_x * s_w
+    assert node_scales("k", "kv_cache", NodeStats([10.0]), r, G3, E4M3FN).outputs == [0.125]
+    mm = node_scales("m", "matmul", NodeStats([10.0, 40.0]), r, G3, E4M3FN)
+    assert (mm.inputs, mm.outputs) == ([0.125, 0.5], [0.0625])
+    sm = node_scales("s", "softmax", NodeStats([31.0], [1.0]), r, G3, E4M3FN)
+    assert (sm.inputs, sm.outputs) == ([], [2.0 ** -6])                            # 1/112 -> 2^-6
+    sd = node_scales("f", "fused_sdpa", NodeStats([10.0, 10.0, 40.0], [10.0, 40.0]), r, G3, E4M3FN)
+    assert (sd.inputs, sd.outputs) == ([0.125, 0.125, 0.5, 0.5], [0.125])
+    with pytest.raises(ValueError, match="no outputs"):
+        node_scales("s", "softmax", NodeStats([31.0]), r, G3, E4M3FN)
+
+
+def test_pcs_linear_output_is_a_vector():
+    r = rules("act_maxabs_pow2_weights_pcs_maxabs_pow2")
+    W = torch.tensor([[1.0, -0.5, 0.0], [0.1, 0.0, 0.0]])
+    ns = node_scales("q", "linear", NodeStats([10.0], None, 1.0), r, G3, E4M3FN, W)
+    assert ns.weight.tolist() == [2.0 ** -7, 2.0 ** -11] and ns.weight_in.tolist() == [1.0, 1.0, 1.0]
+    assert torch.as_tensor(ns.outputs[0]).tolist() == [0.125 * 2.0 ** -7, 0.125 * 2.0 ** -11]
+
+
+def test_moe_scales_and_cold_experts():
+    r = rules("maxabs_hw")
+    stats = NodeStats([10.0], [40.0, 20.0, 0.0, 5.0])
+    ns = node_scales(MOE, "dynamic_moe", stats, r, G3, E4M3FN)
+    # [s_hidden, s_int_e0..e2], s_out; cold expert 1 borrows the layer's max amax 20 (not 2^-55)
+    assert ns.inputs == [0.125, 0.25, 0.25, 2.0 ** -4] and ns.outputs == [0.5]
+    raw = node_scales(MOE, "dynamic_moe", stats, r, G3, E4M3FN, fill_cold=False)
+    assert raw.inputs[2] == 2.0 ** -55                                              # INC's behaviour
+    assert fill_cold_experts([0.0, 0.0]) == ([None, None], [0, 1])
+    all_cold = node_scales(MOE, "dynamic_moe", NodeStats([1.0], [1.0, 0.0, 0.0]), r, G2, E4M3_GAUDI2)
+    assert all_cold.inputs[1:] == [16.0, 16.0]                                      # widest HW scale
+
+
+def test_compute_scales_and_scale_file_round_trip(tmp_path):
+    meas = Measurements({
+        f"{L0}.self_attn.qkv_proj": NodeStats([10.0], None, 0.5),
+        f"{L0}.self_attn.o_proj": NodeStats([3.0], [5.0, 5.0], 0.25),
+        f"{L0}.self_attn.attn.impl.k_cache": NodeStats([10.0]),
+        MOE: NodeStats([10.0], [40.0, 20.0, 0.0]),
+        f"{MOE}.w13_list.0": NodeStats([0.0], None, 0.5),
+        "lm_head": NodeStats([10.0], None, 0.5),
+    }, local_rank=3)
+    c = cfg(scale_method="maxabs_hw", dump_stats_path=str(tmp_path / "inc_output"),
+            blocklist={"names": ["lm_head"]})
+    sf = compute_scales(meas, c, device=G3)
+    # moe: s_hidden 10 -> 2^-3; experts 20 -> 2^-2, cold expert borrows 20; output 40 -> 2^-1
+    assert "lm_head" not in sf.nodes and (sf.nodes[MOE].inputs, sf.nodes[MOE].outputs) == ([0.125, 0.25, 0.25], [0.5])
+    assert sf.nodes[f"{MOE}.w13_list.0"].inputs == [2.0 ** -55]                   # unused dummy input
+    stem = scale_file_stem(c, 3, 8)
+    assert stem.endswith("inc_output_hooks_maxabs_MAXABS_HW_3_8")
+    sf.save(stem)
+    js = json.loads(open(stem + ".json").read())
+    assert js["Mode"] == "Scale" and js["LocalRank"] == 3
+    assert js["Nodes"][f"{L0}.self_attn.qkv_proj"] == {"inputs": [0.125], "outputs": [0.125 * 2.0 ** -8],
+                                                       "params": {"weight": 2.0 ** -8}}
+    assert js["Nodes"][f"{L0}.self_attn.attn.impl.k_cache"] == {"inputs": [0.125], "outputs": [0.125],
+                                                                "params": {}}
+    npz = np.load(stem + ".npz", allow_pickle=True)["arr_0"].item()
+    assert npz["Nodes"][MOE]["inputs"][1].item() == 0.25
+    back = ScaleFile.load(stem + ".npz")
+    assert back.nodes[MOE].inputs == sf.nodes[MOE].inputs
+    assert float(back.nodes[f"{L0}.self_attn.o_proj"].weight) == float(sf.nodes[f"{L0}.self_attn.o_proj"].weight)
+
+
+def test_pcs_scale_file_layout(tmp_path):
+    name = f"{L0}.self_attn.qkv_proj"
+    meas = Measurements({name: NodeStats([10.0], None, 1.0)})
+    c = cfg(scale_method="act_maxabs_pow2_weights_pcs_maxabs_pow2", dump_stats_path=str(tmp_path / "p"))
+    with pytest.raises(ValueError, match="weight tensor"):
+        compute_scales(meas, c, device=G3)
+    sf = compute_scales(meas, c, device=G3, weights={name: torch.tensor([[1.0, 0.0], [0.1, 0.0]])})
+    stem = scale_file_stem(c)
+    sf.save(stem)
+    assert stem.endswith("p_hooks_maxabs_ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2")
+    js = json.loads(open(stem + ".json").read())
+    assert js["Nodes"][name]["params"]["weight"] == {"0": [2.0 ** -7, 2.0 ** -11], "1": [1.0, 1.0]}
+    npz = np.load(stem + ".npz", allow_pickle=True)["arr_0"].item()
+    assert set(npz["Nodes"][name]["params"]["weight"]) == {0, 1}
+    assert ScaleFile.load(stem + ".json").nodes[name].weight.tolist() == [2.0 ** -7, 2.0 ** -11]
+
+
+def test_scales_for_rank_caches_like_inc(tmp_path):
+    prefix = str(tmp_path / "inc_output")
+    name = f"{L0}.self_attn.qkv_proj"
+    c = cfg(dump_stats_path=prefix)
+    with pytest.raises(FileNotFoundError, match="MEASURE"):
+        scales_for_rank(c, 0, 2, device=G3)
+    Measurements({name: NodeStats([10.0], None, 0.5)}, local_rank=0).save(measurement_stem(prefix, "maxabs", 0, 2))
+    first = scales_for_rank(c, 0, 2, device=G3)
+    assert first.nodes[name].inputs == [0.125]
+    assert (tmp_path / "inc_output_hooks_maxabs_MAXABS_HW_0_2.npz").exists()
+    # new measurements: the cache wins unless recalc_scales is set
+    Measurements({name: NodeStats([40.0], None, 0.5)}, local_rank=0).save(measurement_stem(prefix, "maxabs", 0, 2))
+    assert scales_for_rank(c, 0, 2, device=G3).nodes[name].inputs == [0.125]
+    assert scales_for_rank(cfg(dump_stats_path=prefix, recalc_scales=True), 0, 2, device=G3).nodes[name].inputs == [0.5]
+
+
+# ================================ names and the collector =======================================
+def test_herd_to_inc_names():
+    nodes = inc_nodes_for_module(f"{L0}.feed_forward.experts", "FusedMoE", 2, prefix="language_model.")
+    assert [n.name for n in nodes] == [
+        f"language_model.{MOE}", f"language_model.{MOE}.w13_list.0", f"language_model.{MOE}.w13_list.1",
+        f"language_model.{MOE}.w2_list.0", f"language_model.{MOE}.w2_list.1"]
+    assert nodes[0].num_outputs == 3 and nodes[1].class_name == "MoeMatmul"
+    kv = inc_nodes_for_module(f"{L0}.self_attn.attn", "Attention")
+    assert [n.name for n in kv] == [f"{L0}.self_attn.attn.impl.k_cache", f"{L0}.self_attn.attn.impl.v_cache"]
+    assert inc_nodes_for_module(f"{L0}.self_attn.o_proj", "RowParallelLinear")[0].type == "row_parallel_linear"
+    assert inc_nodes_for_module(f"{L0}.input_layernorm", "RMSNorm") == []
+    assert herd_target(f"language_model.{MOE}.w2_list.7") == (f"{L0}.feed_forward.experts", "w2", 7)
+    assert herd_target(f"{L0}.self_attn.attn.impl.v_cache") == (f"{L0}.self_attn.attn", "v_cache", None)
+    assert herd_target("language_model.lm_head") == ("lm_head", "linear", None)
+
+
+def test_file_names():
+    assert measurement_stem("/o/g3/inc_output", "maxabs", 3, 8) == "/o/g3/inc_output_hooks_maxabs_3_8"
+    assert measurement_stem("/o/g3/inc_output") == "/o/g3/inc_output_hooks_maxabs"
+
+
+def _node(name, op, cls, **kw):
+    return IncNode(name, cls, op, name, "linear", **kw)
+
+
+def test_collector_running_max_in_bf16_and_layout():
+    col = MeasurementCollector(cfg(mode="MEASURE"))
+    assert col.add_node(_node("q", "linear", "QKVParallelLinear"))
+    assert col.add_node(_node("o", "row_parallel_linear", "RowParallelLinear"))
+    assert col.add_node(_node("sm", "softmax", "Softmax"))
+    col.observe("q", "inputs", 0, torch.tensor([1.0, -3.3]))
+    col.observe("q", "inputs", 0, torch.tensor([2.0]))
+    col.observe("q", "outputs", 0, torch.tensor([99.0]))            # linear outputs are excluded
+    col.observe("q", "weight", 0, torch.tensor([[0.5, -0.75]]))
+    col.observe("o", "outputs", 1, torch.tensor([-7.0]))
+    col.observe("sm", "outputs", 0, torch.empty(0))                  # empty tensors are ignored
+    m = col.measurements()
+    assert m.nodes["q"] == NodeStats([torch.tensor(3.3).bfloat16().item()], None, 0.75)
+    assert m.nodes["o"].outputs == [0.0, 7.0] and m.nodes["sm"].outputs == [0.0]
+    assert not col.wants("q", "outputs") and col.wants("o", "outputs")
+    with pytest.raises(KeyError, match="never registered"):
+        col.observe("missing", "inputs", 0, torch.ones(1))
+    with pytest.raises(IndexError):
+        col.observe("q", "inputs", 1, torch.ones(1))
+    with pytest.raises(ValueError, match="kind"):
+        col.observe("q", "params", 0, torch.ones(1))
+    # measure_exclude NONE records the optional outputs too
+    col = MeasurementCollector(cfg(mode="MEASURE", measure_exclude="NONE"))
+    col.add_node(_node("q", "linear", "Linear"))
+    col.observe("q", "outputs", 0, torch.tensor([99.0]))
+    assert col.measurements().nodes["q"].outputs == [99.0]
+
+
+def test_collector_filters_by_type_and_name():
+    c = cfg(mode="MEASURE", blocklist={"types": ["VLLMKVCache"], "names": [r"lm_head$", r"\.router"]})
+    col = MeasurementCollector(c)
+    assert not col.add_node(_node("x.k_cache", "kv_cache", "VLLMKVCache"))
+    assert not col.add_node(_node("lm_head", "linear", "ParallelLMHead"))
+    assert not col.add_node(_node("l.feed_forward.router", "linear", "ReplicatedLinear"))
+    assert not col.add_node(_node("n", "linear", "RMSNorm"))        # not a patched type
+    assert col.add_node(_node("l.o_proj", "row_parallel_linear", "RowParallelLinear"))
+    col.observe("lm_head", "inputs", 0, torch.ones(1))              # filtered out: a silent no-op
+    assert col.mod_list == ["l.o_proj"]
+    allow = MeasurementCollector(cfg(mode="MEASURE", allowlist={"types": ["MoeMatmul"], "names": ["o_proj"]}))
+    assert allow.add_node(_node("a.o_proj", "row_parallel_linear", "RowParallelLinear"))
+    assert allow.add_node(_node("e.w13_list.0", "linear", "MoeMatmul"))
+    assert not allow.add_node(_node("a.qkv_proj", "linear", "QKVParallelLinear"))
+
+
+def test_collector_moe_and_files(tmp_path):
+    prefix = tmp_path / "g3" / "inc_output"
+    col = MeasurementCollector(cfg(mode="MEASURE", dump_stats_path=str(prefix)), rank=1, world_size=2)
+    nodes = col.add_module(f"{L0}.feed_forward.experts", "FusedMoE", num_local_experts=3)
+    assert len(nodes) == 7
+    col.observe(MOE, "inputs", 0, torch.tensor([12.5]))
+    col.observe(MOE, "outputs", 0, torch.tensor([30.0]))
+    col.observe_expert_amax(MOE, torch.tensor([4.25, 0.0, 3.90625]))
+    col.observe_expert_amax(MOE, torch.tensor([1.0, 0.0, 5.0]))
+    col.observe(f"{MOE}.w13_list.0", "weight", 0, torch.tensor([[0.0546875]]))
+    with pytest.raises(ValueError, match="3 local experts"):
+        col.observe_expert_amax(MOE, torch.ones(2))
+    paths = col.save()
+    assert [p.name for p in paths] == ["inc_output_hooks_maxabs_1_2.json", "inc_output_hooks_maxabs_1_2.npz",
+                                       "inc_output_hooks_maxabs_1_2_mod_list.json"]
+    text = paths[0].read_text()
+    js = json.loads(text)
+    assert text.startswith('{\n    "GlobalRank": null,')                        # json.dump(indent=4)
+    assert js["LocalRank"] == 1 and js["Mode"] == "DynamicRange" and "NumSamples" not in js
+    assert js["Nodes"][MOE] == {"inputs": [[[12.5]]], "outputs": [[[30.0]], [[4.25]], [[0.0]], [[5.0]]]}
+    assert js["Nodes"][f"{MOE}.w13_list.0"] == {"inputs": [[[0.0]]], "params": {"weight": [[0.0546875]]}}
+    npz = np.load(paths[1], allow_pickle=True)["arr_0"].item()
+    assert npz["Nodes"][MOE]["outputs"][3].dtype == np.float32 and npz["Nodes"][MOE]["outputs"][3].shape == (1, 1)
+    assert json.loads(paths[2].read_text()) == [n.name for n in nodes]
+    assert Measurements.load(paths[1]) == Measurements.load(paths[0]) == col.measurements()
+    assert Measurements.load(str(paths[0])[:-5]).nodes[MOE].outputs[1] == 4.25     # bare stem -> npz
+
+
+def test_load_accepts_stacked_arrays_and_rejects_scale_files(tmp_path):
+    p = tmp_path / "x.npz"
+    np.savez(p, {"GlobalRank": None, "LocalRank": 0, "Mode": "DynamicRange",
+                 "Nodes": {"a": {"inputs": np.array([[[1.5]], [[2.5]]]), "params": {"weight": np.array([[0.5]])}}}})
+    assert Measurements.load(p).nodes["a"] == NodeStats([1.5, 2.5], None, 0.5)
+    np.savez(p, {"Mode": "Scale", "Nodes": {}})
+    with pytest.raises(ValueError, match="scale-cache"):
+        Measurements.load(p)
+    with pytest.raises(FileNotFoundError, match="MEASURE pass"):
+        Measurements.load(tmp_path / "missing.npz")
+
+
+def test_sample_interval_and_unsuffixed_files(tmp_path):
+    prefix = tmp_path / "inc_output"
+    col = MeasurementCollector(cfg(mode="MEASURE", dump_stats_path=str(prefix), calibration_sample_interval=2))
+    col.add_node(_node("q", "linear", "Linear"))
+    col.step()
+    assert not (tmp_path / "inc_output_hooks_maxabs.json").exists()
+    col.step()
+    js = json.loads((tmp_path / "inc_output_hooks_maxabs.json").read_text())
+    assert list(js)[0] == "NumSamples" and js["NumSamples"] == 2 and js["LocalRank"] == -1
+
+
+def test_backup_existing_moves_prefixed_files(tmp_path):
+    (tmp_path / "inc_output_hooks_maxabs_0_2.json").write_text("{}")
+    (tmp_path / "inc_output_hooks_maxabs_0_2.npz").write_text("")
+    (tmp_path / "other.json").write_text("{}")
+    col = MeasurementCollector(cfg(mode="MEASURE", dump_stats_path=str(tmp_path / "inc_output")),
+                               rank=1, world_size=2)
+    assert col.prepare_output_dir() is None                                       # only rank 0 moves files
+    dest = backup_existing(tmp_path / "inc_output", now=0.0)
+    assert dest.name.startswith("backup_inc_output_") and dest.name.count(":") == 2
+    assert sorted(p.name for p in dest.iterdir()) == ["inc_output_hooks_maxabs_0_2.json",
+                                                      "inc_output_hooks_maxabs_0_2.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["other.json"]
+    assert backup_existing(tmp_path / "inc_output") is None
+
+
+def test_collector_on_a_herd_model(scout_dir):
+    from herd.model.loader import load_model
+    model = load_model(scout_dir, dtype=torch.float32)
+    col = MeasurementCollector(cfg(mode="MEASURE", blocklist={"names": ["lm_head"]}))
+    names = [n.name for n in col.add_model(model, prefix="language_model.")]
+    p = "language_model.model.layers.0"
+    for expected in (f"{p}.self_attn.qkv_proj", f"{p}.self_attn.o_proj", f"{p}.self_attn.attn.impl.k_cache",
+                     f"{p}.feed_forward.router", f"{p}.feed_forward.experts.moe_op",
+                     f"{p}.feed_forward.experts.moe_op.w2_list.3",
+                     f"{p}.feed_forward.shared_expert.gate_up_proj"):
+        assert expected in names
+    assert "language_model.lm_head" not in names
+    m = col.measurements()
+    w13 = model.get_submodule("model.layers.0.feed_forward.experts").w13_weight[2]
+    assert m.nodes[f"{p}.feed_forward.experts.moe_op.w13_list.2"].weight == \
+        w13.abs().max().bfloat16().item()
+    assert m.nodes[f"{p}.feed_forward.experts.moe_op"].outputs == [0.0] * 5
+
+
+# ================================ unify, coverage, postprocess ==================================
+def _rank(r: int, experts: int = 2) -> Measurements:
+    """Rank r of a TP run: values grow with the rank so the max of a group is its last member."""
+    return Measurements({
+        f"{L0}.self_attn.o_proj": NodeStats([1.0 + r], [10.0 + r, 10.0 + r], 0.125 * (r + 1)),
+        MOE: NodeStats([5.0 + r], [20.0 + r] + [float(r * 10 + e) for e in range(experts)]),
+        f"{MOE}.w13_list.0": NodeStats([0.0], None, 2.0 ** -6 * (r + 1)),
+    }, local_rank=r)
+
+
+def test_overlapping_ranks():
+    assert overlapping_ranks(1, 2, 4) == [2, 3]        # merge, as INC's step 5
+    assert overlapping_ranks(3, 4, 4) == [3]           # same size
+    assert overlapping_ranks(5, 8, 4) == [2]           # split: parent rank
+    assert overlapping_ranks(1, 3, 4) == [1, 2]        # uneven: every overlapping source
+
+
+def test_unify_tp_smaller_equal_larger():
+    src = [_rank(r) for r in range(4)]
+    two = unify(src, 2)
+    assert [m.local_rank for m in two] == [0, 1]
+    assert two[0].nodes == _rank(1).nodes and two[1].nodes == _rank(3).nodes
+    lo = unify([_rank(1), _rank(0)], 1)[0]             # element-wise max, not "the last rank"
+    assert lo.nodes[MOE].outputs == [21.0, 10.0, 11.0] and lo.local_rank == -1
+    same = unify(src, 4)
+    assert [m.nodes for m in same] == [m.nodes for m in src]
+    eight = unify(src, 8)
+    assert len(eight) == 8 and all(eight[i].nodes == src[i // 2].nodes for i in range(8))
+    three = unify(src, 3)
+    assert three[1].nodes == _rank(2).nodes            # covers parts of ranks 1 and 2
+
+
+def test_unify_expert_parallel_and_expand():
+    src = [_rank(r) for r in range(2)]                # 2 ranks x 2 local experts = 4 experts
+    one = unify(src, 1, expert_parallel=True)[0]
+    assert one.nodes[MOE].outputs == [21.0, 0.0, 1.0, 10.0, 11.0]          # concatenated in rank order
+    assert one.nodes[MOE].inputs == [6.0]
+    assert one.nodes[f"{MOE}.w13_list.2"].weight == 2.0 ** -5                    # rank 1's local expert 0
+    assert f"{MOE}.w13_list.1" not in one.nodes
+    four = expand_experts(one, 4)
+    assert [m.nodes[MOE].outputs for m in four] == [[21.0, 0.0], [21.0, 1.0], [21.0, 10.0], [21.0, 11.0]]
+    assert [f"{MOE}.w13_list.0" in m.nodes for m in four] == [True, False, True, False]
+    assert four[2].nodes[f"{MOE}.w13_list.0"].weight == 2.0 ** -5
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        unify(src, 3, expert_parallel=True)
+    uneven = [_rank(0, experts=2), _rank(1, experts=3)]
+    with pytest.raises(ValueError, match="expert_parallel=True"):
+        unify(uneven, 1)
+
+
+def test_unify_files(tmp_path):
+    prefix = tmp_path / "inc_output"
+    for r in range(4):
+        _rank(r).save(measurement_stem(prefix, "maxabs", r, 4))
+    (tmp_path / "inc_output_hooks_maxabs_MAXABS_HW_0_8.npz").write_text("")  # a scale cache must not count
+    with pytest.warns(UserWarning, match="scale caches for world size 8"):
+        written = unify_files(prefix, 8)
+    assert len(written) == 24
+    got = np.load(tmp_path / "inc_output_hooks_maxabs_5_8.npz", allow_pickle=True)["arr_0"].item()
+    assert got["LocalRank"] == 5 and got["Nodes"][MOE]["outputs"][1].item() == 20.0
+    assert json.loads((tmp_path / "inc_output_hooks_maxabs_5_8_mod_list.json").read_text())[0].endswith("o_proj")
+    with pytest.raises(ValueError, match="several world sizes"):
+        unify_files(prefix, 2)
+    unify_files(prefix, 2, source_world=4)
+    assert Measurements.load(tmp_path / "inc_output_hooks_maxabs_1_2.json").nodes == _rank(3).nodes
+    (tmp_path / "inc_output_hooks_maxabs_3_4.npz").unlink()
+    (tmp_path / "inc_output_hooks_maxabs_3_4.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lack ranks \[3\]"):
+        unify_files(prefix, 1, source_world=4)
+
+
+def test_coverage_report(tmp_path):
+    a = Measurements({MOE: NodeStats([1.0], [9.0, 3.0, 0.0, 0.0]),
+                      "model.layers.1.feed_forward.experts.moe_op": NodeStats([1.0], [9.0, 1.0, 1.0, 1.0])})
+    b = Measurements({MOE: NodeStats([1.0], [9.0, 0.0, 0.0, 2.0]),
+                      "model.layers.1.feed_forward.experts.moe_op": NodeStats([1.0], [9.0, 1.0, 1.0, 1.0])})
+    tp = coverage_report([a, b])
+    assert tp["cold_experts"] == 1 and tp["layers"][0]["cold_experts"] == [1]   # zero on every TP rank
+    assert tp["layers"][0]["layer"] == 0 and tp["layers"][1]["cold_experts"] == []
+    ep = coverage_report([a, b], expert_parallel=True)
+    assert ep["layers"][0]["num_experts"] == 6 and ep["layers"][0]["cold_experts"] == [1, 2, 3, 4]
+    assert not ep["all_experts_covered"]
+    text = format_coverage(tp)
+    assert "layer 0: 1/3 experts got no tokens: [1]" in text and "layer 1" not in text
+
+
+def test_postprocess_kv_and_sdpa():
+    impl = f"language_model.{L0}.self_attn.attn.impl"
+    m = Measurements({
+        f"{impl}.matmul_qk": NodeStats([6.0, 7.0]), f"{impl}.k_cache": NodeStats([9.0]),
+        f"{impl}.matmul_av": NodeStats([1.0, 2.0]), f"{impl}.v_cache": NodeStats([3.0]),
+        f"{impl}.fused_scaled_dot_product_attention": NodeStats([1.0, 1.0, 1.0], [4.0, 1.0]),
+        f"language_model.{L0}.self_attn.o_proj": NodeStats([2.5], [1.0, 1.0], 0.1),
+    })
+    changes = postprocess(m)
+    assert len(changes) == 3
+    assert m.nodes[f"{impl}.matmul_qk"].inputs == [6.0, 9.0]
+    assert m.nodes[f"{impl}.matmul_av"].inputs == [1.0, 3.0]
+    assert m.nodes[f"{impl}.fused_scaled_dot_product_attention"].outputs == [2.5, 1.0]
+    assert postprocess(Measurements({"foo.k_cache": NodeStats([1.0])})) == []  # no layer index
+
+
+# ================================ calibrate CLI =================================================
+ROWS = [{"system_prompt": f"sys {i}", "question": f"q {i}"} for i in range(10)]
+
+
+def test_cli_flags_and_help(capsys):
+    from herd.cli import build_parser
+    argv = ["calibrate", "-m", "/models/Llama-4-Scout", "-d", "x.pkl", "-o", "out"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.batch_size, args.limit, args.tensor_parallel_size, args.device) == (32, None, 1, "cuda")
+    with pytest.raises(SystemExit):
+        build_parser(["calibrate", "-h"]).parse_args(["calibrate", "-h"])
+    text = capsys.readouterr().out
+    for flag in ("-m", "-d", "-o", "-b", "-l", "-t", "-r", "-u", "seed 42", "system_prompt"):
+        assert flag in text
+
+
+def test_dataset_jsonl_and_pickles(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in ROWS[:3]) + "\n\n")
+    assert cli.load_dataset(p) == ROWS[:3]
+    for obj in (ROWS[:3], {"system_prompt": [r["system_prompt"] for r in ROWS[:3]],
+                           "question": [r["question"] for r in ROWS[:3]]}):
+        pk = tmp_path / "d.pkl"
+        pk.write_bytes(pickle.dumps(obj))
+        with pytest.warns(UserWarning, match="arbitrary code"):
+            assert cli.load_dataset(pk) == ROWS[:3]
+    frame = SimpleNamespace(columns=["system_prompt", "question"], to_dict=lambda orient: ROWS[:2])
+    assert cli._rows_from_object(frame, p) == ROWS[:2]
+
+
+def test_dataset_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not download"):
+        cli.load_dataset(tmp_path / "NeelNanda/pile-10k")
+    pk = tmp_path / "frame.pkl"
+    pk.write_bytes(b"cpandas_missing_for_herd_test.core.frame\nDataFrame\n.")
+    with pytest.warns(UserWarning), pytest.raises(ModuleNotFoundError):
+        cli.load_dataset(pk)
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    pk.write_bytes(b"cpandas.core.frame\nDataFrame\n.")
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="pandas is not installed"):
+        cli.load_dataset(pk)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    pq = tmp_path / "d.parquet"
+    pq.write_bytes(b"PAR1")
+    with pytest.raises(RuntimeError, match="needs pyarrow"):
+        cli.load_dataset(pq)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"system_prompt": "s", "prompt": "q"}))
+    with pytest.raises(ValueError, match="row 0 needs a string 'question'"):
+        cli.load_dataset(bad)
+    bad.write_text("{oops")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        cli.load_dataset(bad)
+    csv = tmp_path / "d.csv"
+    csv.write_text("system_prompt,question\n")
+    with pytest.raises(ValueError, match="unsupported dataset format"):
+        cli.load_dataset(csv)
+
+
+def test_select_samples_matches_pandas_sampling():
+    assert [r["question"] for r in cli.select_samples(ROWS, 3)] == ["q 8", "q 1", "q 5"]
+    assert cli.select_samples(ROWS, None) == ROWS
+    with pytest.raises(ValueError, match="positive"):
+        cli.select_samples(ROWS, 0)
+
+
+class _Tok:
+    def __init__(self, fail=False):
+        self.fail, self.seen = fail, []
+
+    def apply_chat_template(self, conv, tokenize=True):
+        assert tokenize is False
+        if self.fail:
+            raise ValueError("no chat template")
+        self.seen.append(conv)
+        return "|".join(f"{m['role']}:{m['content']}" for m in conv)
+
+
+def test_prompt_formatting():
+    tok = _Tok()
+    assert cli.format_prompt(ROWS[0], tok) == "system:sys 0|user:q 0"
+    assert cli.format_prompt(ROWS[0], tok, "mixtral-8x7b") == "user:q 0|assistant:sys 0"
+    assert cli.format_prompt(ROWS[0], _Tok(fail=True)) == "sys 0. q 0"
+    assert cli.format_prompts(ROWS[:2], None) == ["sys 0. q 0", "sys 1. q 1"]
+
+
+def test_write_quant_configs(tmp_path):
+    root = tmp_path / "llama-4-scout"
+    meas, quant, prefix = cli.write_quant_configs(root, "g3")
+    assert (meas.name, quant.name) == ("maxabs_measure_g3.json", "maxabs_quant_g3.json")
+    assert prefix == (root / "g3" / "inc_output").resolve()
+    m, q = json.loads(meas.read_text()), json.loads(quant.read_text())
+    assert m == {"method": "HOOKS", "mode": "MEASURE", "observer": "maxabs",
+                 "allowlist": {"types": [], "names": []}, "blocklist": {"types": [], "names": []},
+                 "quantize_weight": False, "dump_stats_path": str(prefix)}
+    assert q["mode"] == "QUANTIZE" and q["scale_method"] == "maxabs_hw" and "device_for_scales" not in q
+    _, quant, _ = cli.write_quant_configs(root, "cuda", "maxabs_pow2")
+    c = IncQuantConfig.from_json_file(quant)
+    assert quant.name == "maxabs_quant_cuda.json" and c.device_for_scales is CUDA and c.method_name == "MAXABS_POW2"
+
+
+def _args(tmp_path, data, **kw):
+    base = dict(model=str(tmp_path / "Llama-4-Scout-Tiny"), dataset=str(data), output_dir=str(tmp_path / "out"),
+                batch_size=4, limit=6, tensor_parallel_size=2, target_ranks=None, expert_parallel=False,
+                device="cuda", scale_method="maxabs_hw")
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_run_without_engine_reports_the_seam(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    monkeypatch.setattr(cli, "load_tokenizer", lambda path: _Tok())
+    assert cli.run(_args(tmp_path, data)) == 1
+    assert "needs the engine" in capsys.readouterr().err
+    root = tmp_path / "out" / "llama-4-scout-tiny"
+    assert (root / "maxabs_quant_cuda.json").exists()
+    prompts = [json.loads(line)["input"] for line in (root / "calibration_prompts.jsonl").read_text().splitlines()]
+    assert prompts[:2] == ["system:sys 8|user:q 8", "system:sys 1|user:q 1"] and len(prompts) == 6
+    assert cli.run(_args(tmp_path, data, batch_size=0)) == 2
+    assert cli.run(_args(tmp_path, tmp_path / "missing.jsonl")) == 2
+
+
+def test_run_end_to_end_with_a_fake_measure(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    monkeypatch.setattr(cli, "load_tokenizer", lambda path: _Tok())
+    calls = {}
+    impl = f"{L0}.self_attn.attn.impl"
+
+    def fake_measure(model_path, prompts, quant_config, batch_size, tp):
+        calls.update(prompts=len(prompts), batch=batch_size, tp=tp, mode=quant_config.mode)
+        for rank in range(tp):
+            col = MeasurementCollector(quant_config, rank=rank, world_size=tp)
+            col.add_module(f"{L0}.feed_forward.experts", "FusedMoE", num_local_experts=3)
+            col.add_node(IncNode(f"{impl}.matmul_qk", "Matmul", "matmul", "", "linear"))
+            col.add_node(IncNode(f"{impl}.k_cache", "VLLMKVCache", "kv_cache", "", "k_cache"))
+            col.observe(f"{impl}.k_cache", "inputs", 0, torch.tensor([2.0 + rank]))
+            col.observe(f"{impl}.matmul_qk", "inputs", 1, torch.tensor([50.0]))
+            col.observe_expert_amax(MOE, torch.tensor([1.0 + rank, 0.0, 4.0]))
+            col.save()
+
+    monkeypatch.setattr(cli, "measure", fake_measure)
+    assert cli.run(_args(tmp_path, data, target_ranks=4)) == 0
+    assert calls == {"prompts": 6, "batch": 4, "tp": 2, "mode": "MEASURE"}
+    out = capsys.readouterr().out
+    assert "layer 0: 1/3 experts got no tokens: [1]" in out and "QUANT_CONFIG=" in out
+    g = tmp_path / "out" / "llama-4-scout-tiny" / "cuda"
+    report = json.loads((g / "inc_output_coverage.json").read_text())
+    assert report["layers"][0]["cold_experts"] == [1]
+    fixed = Measurements.load(g / "inc_output_hooks_maxabs_1_2.npz")
+    assert fixed.nodes[f"{impl}.matmul_qk"].inputs == [0.0, 3.0]             # step 3: k_cache's amax
+    unified = Measurements.load(g / "inc_output_hooks_maxabs_3_4.npz")
+    assert unified.nodes[MOE].outputs == [0.0, 2.0, 0.0, 4.0]                # rank 1's values
+    assert PRESETS[ScaleMethod.MAXABS_HW].activation.backoff == 0.25
