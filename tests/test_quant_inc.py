@@ -704,17 +704,18 @@ def test_write_quant_configs(tmp_path):
 def _args(tmp_path, data, **kw):
     base = dict(model=str(tmp_path / "Llama-4-Scout-Tiny"), dataset=str(data), output_dir=str(tmp_path / "out"),
                 batch_size=4, limit=6, tensor_parallel_size=2, target_ranks=None, expert_parallel=False,
-                device="cuda", scale_method="maxabs_hw")
+                device="cuda", scale_method="maxabs_hw", max_model_len=2048, dtype="auto")
     base.update(kw)
     return SimpleNamespace(**base)
 
 
-def test_run_without_engine_reports_the_seam(tmp_path, monkeypatch, capsys):
+def test_run_reports_a_measure_step_that_wrote_nothing(tmp_path, monkeypatch, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS))
     monkeypatch.setattr(cli, "load_tokenizer", lambda path: _Tok())
+    monkeypatch.setattr(cli, "measure", lambda *a, **k: None)
     assert cli.run(_args(tmp_path, data)) == 1
-    assert "needs the engine" in capsys.readouterr().err
+    assert "wrote no files" in capsys.readouterr().err
     root = tmp_path / "out" / "llama-4-scout-tiny"
     assert (root / "maxabs_quant_cuda.json").exists()
     prompts = [json.loads(line)["input"] for line in (root / "calibration_prompts.jsonl").read_text().splitlines()]
@@ -730,7 +731,8 @@ def test_run_end_to_end_with_a_fake_measure(tmp_path, monkeypatch, capsys):
     calls = {}
     impl = f"{L0}.self_attn.attn.impl"
 
-    def fake_measure(model_path, prompts, quant_config, batch_size, tp):
+    def fake_measure(model_path, prompts, measure_config, batch_size, tp, *rest):
+        quant_config = IncQuantConfig.from_json_file(measure_config)
         calls.update(prompts=len(prompts), batch=batch_size, tp=tp, mode=quant_config.mode)
         for rank in range(tp):
             col = MeasurementCollector(quant_config, rank=rank, world_size=tp)

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-u", "--expert-parallel", action="store_true",
                         help="measurements come from an expert-parallel run: unify by concatenating "
                              "each rank's experts instead of taking the max")
+    parser.add_argument("--max-model-len", type=int, default=2048,
+                        help="context length while measuring; longer prompts are truncated (default 2048)")
+    parser.add_argument("--dtype", default="auto", help="model dtype while measuring (default: the checkpoint's)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "g2", "g3"],
                         help="accelerator the scales are for: cuda (E4M3FN, any float scale), g2 (Gaudi2, "
                              "range 240) or g3 (Gaudi3); names the config files (default: cuda)")
@@ -213,10 +216,28 @@ def write_quant_configs(model_root: Path, device: str, scale_method: str = "maxa
 
 
 # ---- the engine seam ----------------------------------------------------------------------------
-def measure(model_path: str, prompts: list[str], quant_config: IncQuantConfig, batch_size: int, tp: int) -> None:
-    """Run the model over `prompts` in MEASURE mode with `tp` ranks, `batch_size` prompts per step,
-    a MeasurementCollector per rank writing `quant_config.dump_stats_path` files at the end."""
-    raise NotImplementedError("needs the engine")
+def measure(model_path: str, prompts: list[str], measure_config: Path, batch_size: int, tp: int,
+            max_model_len: int = 2048, dtype: str = "auto", max_tokens: int = 16) -> None:
+    """Run the model over `prompts` in MEASURE mode with `tp` ranks, `batch_size` prompts per step
+    (INC's step 2: default sampling, 16 new tokens); each rank writes its measurement files at
+    shutdown."""
+    from tqdm import tqdm
+
+    from herd.engine.llm import LLM
+
+    llm = LLM(model_path, quantization="inc", quant_config_path=str(measure_config), dtype=dtype,
+              tensor_parallel_size=tp, max_num_seqs=batch_size, max_model_len=max_model_len)
+    try:
+        tok = llm.get_tokenizer()
+        params = llm.get_default_sampling_params()
+        params.max_tokens = max_tokens
+        limit = llm.llm_engine.max_model_len - max_tokens
+        # the prompts already carry the template's BOS: encode without adding another
+        ids = [{"prompt_token_ids": tok.encode(p, add_special_tokens=False)[:limit]} for p in prompts]
+        for start in tqdm(range(0, len(ids), batch_size), desc="calibration", unit="batch"):
+            llm.generate(ids[start:start + batch_size], params, use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
 
 
 def after_measure(prefix: Path, world: int, target_ranks: int | None, expert_parallel: bool) -> dict:
@@ -264,12 +285,12 @@ def run(args: argparse.Namespace) -> int:
             f.write(json.dumps({"input": p}) + "\n")
     print(f"{len(prompts)} prompts; measure config {measure_cfg}; quant config {quant_cfg}")
     try:
-        measure(args.model, prompts, IncQuantConfig.from_json_file(measure_cfg), args.batch_size,
-                args.tensor_parallel_size)
-    except NotImplementedError as e:
-        print(f"error: the measure step is not available ({e})", file=sys.stderr)
+        measure(args.model, prompts, measure_cfg, args.batch_size, args.tensor_parallel_size,
+                args.max_model_len, args.dtype)
+        after_measure(prefix, args.tensor_parallel_size, args.target_ranks, args.expert_parallel)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: calibration failed: {e}", file=sys.stderr)
         return 1
-    after_measure(prefix, args.tensor_parallel_size, args.target_ranks, args.expert_parallel)
     ranks = args.target_ranks or args.tensor_parallel_size
     print(f"serve with:\n  QUANT_CONFIG={quant_cfg} herd serve {args.model} --quantization inc "
           f"--kv-cache-dtype fp8_inc --tensor-parallel-size {ranks}")

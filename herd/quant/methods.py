@@ -154,7 +154,9 @@ class CompressedTensorsQuantMethods(QuantMethods):
         return Fp8MoEMethod(from_checkpoint=True, static_input=self.static_input)
 
 
-def get_quant_methods(config) -> QuantMethods:
+def get_quant_methods(config, tp=None) -> QuantMethods:
+    """`tp` is accepted for symmetry with the executors; rank-specific work (INC files) reads the
+    model's own TPContext in post_load."""
     q = config.quant.quantization
     if q == "fp8":
         return Fp8QuantMethods()

@@ -1,0 +1,213 @@
+"""`--quantization inc`: INC's MEASURE and QUANTIZE modes on herd's model, driven by QUANT_CONFIG.
+
+MEASURE: the model runs in its own dtype with maxabs observers on every INC node (linears, MoE
+op and per-expert intermediates, KV cache); `finish()` writes the INC measurement files.
+QUANTIZE: scales come from this rank's measurement file (or INC's scale cache); linear and expert
+weights are quantized to FP8 on the CPU with those scales, activations use the static input
+scales, and the KV-cache scales feed `--kv-cache-dtype fp8_inc`.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from herd.model.layers import LinearBase
+from herd.model.llama4 import Attention, FusedMoE, QuantMethods
+from herd.ops.fp8 import FP8_DTYPE, FP8_MAX
+from herd.ops.moe import fused_moe_ref
+from herd.quant.inc_config import IncQuantConfig
+from herd.quant.inc_measure import MeasurementCollector
+from herd.quant.inc_nodes import MULTIMODAL_PREFIX, inc_nodes_for_module, node_weight
+from herd.quant.methods import Fp8LinearMethod, Fp8MoEMethod
+from herd.quant.inc_scales import scales_for_rank
+
+logger = logging.getLogger(__name__)
+
+
+def _rank_world(tp):
+    return (tp.rank, tp.size) if tp.size > 1 else (None, None)
+
+
+class IncMeasureMethods(QuantMethods):
+    """MEASURE mode: weights stay unquantized; post_load installs the observers."""
+
+    def __init__(self, cfg: IncQuantConfig, prefix: str):
+        self.cfg, self.prefix = cfg, prefix
+        self.collector: MeasurementCollector | None = None
+
+    def post_load(self, model):
+        rank, world = _rank_world(model.tp)
+        self.collector = MeasurementCollector(self.cfg, rank, world)
+        self.collector.prepare_output_dir()
+        self.collector.add_model(model, self.prefix)
+        for name, module in model.named_modules():
+            if isinstance(module, LinearBase):
+                module.quant_method = _ObservedLinear(module.quant_method, self.collector, self.prefix + name, module)
+            elif isinstance(module, FusedMoE):
+                module.quant_method = _ObservedMoE(self.collector, self.prefix + name + ".moe_op", model.tp)
+            elif isinstance(module, Attention):
+                module.register_forward_pre_hook(_kv_observer(self.collector, self.prefix + name + ".impl"))
+        # one forward = one model call; counted for calibration_sample_interval dumps
+        model.register_forward_hook(lambda *_: self.collector.step())
+
+    def finish(self):
+        if self.collector is not None:
+            paths = self.collector.save()
+            logger.info("INC measurements written: %s", ", ".join(map(str, paths)))
+            return paths
+        return []
+
+
+class _ObservedLinear:
+    def __init__(self, inner, collector, node, layer):
+        self.inner, self.collector, self.node = inner, collector, node
+        self.row_parallel = type(layer).__name__ == "RowParallelLinear"
+
+    def apply(self, layer, x):
+        self.collector.observe(self.node, "inputs", 0, x)
+        y = self.inner.apply(layer, x)
+        if self.row_parallel and self.collector.wants(self.node, "outputs"):
+            # [max over ranks of the partial output, the all-reduced output]
+            amax = y.detach().abs().amax().float().reshape(1)
+            if layer.tp.size > 1:
+                import torch.distributed as dist
+                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=layer.tp.group)
+            self.collector.observe_amax(self.node, "outputs", 0, amax[0])
+            reduced = layer.tp.all_reduce(y.clone()) if layer.tp.size > 1 else y
+            self.collector.observe(self.node, "outputs", 1, reduced)
+        return y
+
+
+class _ObservedMoE:
+    """Unquantized experts plus INC's dynamic_moe statistics: the op input, its output and each
+    local expert's intermediate (w2 input) amax, 0 for experts that got no tokens."""
+
+    def __init__(self, collector, node, tp):
+        self.collector, self.node, self.tp = collector, node, tp
+
+    def apply(self, layer, x, topk_ids, topk_weights):
+        amax = torch.zeros(layer.num_local_experts, dtype=torch.float32, device=x.device)
+
+        def linear(h, e, which):
+            if which == "w2":
+                amax[e] = torch.maximum(amax[e], h.detach().abs().amax().float())
+            return torch.nn.functional.linear(h, getattr(layer, f"{which}_weight")[e])
+
+        out = fused_moe_ref(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
+                            expert_map=layer.expert_map, linear=linear)
+        self.collector.observe(self.node, "inputs", 0, x)
+        if self.collector.wants(self.node, "outputs"):
+            self.collector.observe(self.node, "outputs", 0, out)
+            self.collector.observe_expert_amax(self.node, amax)
+        return out
+
+
+def _kv_observer(collector, impl):
+    def hook(module, args):
+        _, k, v = args[0], args[1], args[2]
+        collector.observe(impl + ".k_cache", "inputs", 0, k)
+        collector.observe(impl + ".v_cache", "inputs", 0, v)
+    return hook
+
+
+class IncQuantizeMethods(QuantMethods):
+    """QUANTIZE mode: static FP8 from measured scales, applied in post_load (weights on the CPU)."""
+
+    def __init__(self, cfg: IncQuantConfig, prefix: str):
+        self.cfg, self.prefix = cfg, prefix
+        self.kv_scales: dict[int, tuple[float, float]] = {}
+        self.report: dict = {}
+
+    def post_load(self, model):
+        if self.cfg.dynamic_quantization:
+            raise ValueError("dynamic_quantization QUANT_CONFIGs are not supported; use --quantization fp8 "
+                             "for per-token dynamic FP8")
+        rank, world = _rank_world(model.tp)
+        nodes = {}
+        for name, module in model.named_modules():
+            for node in inc_nodes_for_module(name, type(module).__name__,
+                                             getattr(module, "num_local_experts", None), self.prefix):
+                nodes[node.name] = node
+        weights = lambda n: node_weight(model, nodes[n]) if n in nodes else None  # noqa: E731
+        classes = {n: node.class_name for n, node in nodes.items()}
+        # herd's FP8 is E4M3FN (448) on every device; device_for_scales in QUANT_CONFIG overrides
+        scales = scales_for_rank(self.cfg, rank, world, "cuda", weights=weights, node_classes=classes).nodes
+        n_lin = n_moe = 0
+        for name, module in model.named_modules():
+            full = self.prefix + name
+            if isinstance(module, LinearBase) and full in scales:
+                _quantize_linear(module, scales[full])
+                n_lin += 1
+            elif isinstance(module, FusedMoE) and full + ".moe_op" in scales:
+                _quantize_moe(module, scales, full)
+                n_moe += 1
+            elif isinstance(module, Attention):
+                k, v = scales.get(full + ".impl.k_cache"), scales.get(full + ".impl.v_cache")
+                if k is not None and v is not None:
+                    self.kv_scales[module.layer_idx] = (float(k.inputs[0]), float(v.inputs[0]))
+        self.report = {"linear": n_lin, "moe": n_moe, "kv_layers": len(self.kv_scales)}
+        logger.info("INC static FP8: %d linears, %d MoE layers, KV scales for %d layers", n_lin, n_moe,
+                    len(self.kv_scales))
+
+    def finish(self):
+        return []
+
+
+def _as_column(s, rows: int) -> torch.Tensor:
+    t = torch.as_tensor(s, dtype=torch.float32)
+    return t.reshape(-1, 1) if t.numel() > 1 else t.reshape(1, 1).expand(rows, 1).contiguous()
+
+
+def _to_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _quantize_linear(layer, ns):
+    w = layer.weight.data
+    scale = _as_column(ns.weight, w.shape[0])
+    method = Fp8LinearMethod(from_checkpoint=True, static_input=True)
+    layer.weight = torch.nn.Parameter(_to_fp8(w, scale), requires_grad=False)
+    layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+    layer.input_scale = torch.nn.Parameter(torch.tensor([float(ns.inputs[0])]), requires_grad=False)
+    layer.quant_method = method
+
+
+def _quantize_moe(layer, scales, full):
+    moe = scales[full + ".moe_op"]
+    E = layer.num_local_experts
+    for which in ("w13", "w2"):
+        w = getattr(layer, f"{which}_weight").data
+        qs, ss = [], []
+        for e in range(E):
+            ns = scales.get(f"{full}.moe_op.{which}_list.{e}")
+            if ns is None:
+                raise ValueError(f"no INC scale for {full}.moe_op.{which}_list.{e}")
+            s = _as_column(ns.weight, w.shape[1])
+            qs.append(_to_fp8(w[e], s))
+            ss.append(s)
+        setattr(layer, f"{which}_weight", torch.nn.Parameter(torch.stack(qs), requires_grad=False))
+        setattr(layer, f"{which}_weight_scale", torch.nn.Parameter(torch.stack(ss), requires_grad=False))
+    # input scales by global expert id: the hidden-state scale for w13, each expert's own for w2
+    first = layer.tp.rank * E if layer.ep else 0
+    w13_in = torch.full((layer.num_experts,), float(moe.inputs[0]))
+    w2_in = torch.ones(layer.num_experts)
+    w2_in[first:first + E] = torch.tensor([float(s) for s in moe.inputs[1:1 + E]])
+    layer.w13_input_scale = torch.nn.Parameter(w13_in, requires_grad=False)
+    layer.w2_input_scale = torch.nn.Parameter(w2_in, requires_grad=False)
+    layer.quant_method = Fp8MoEMethod(from_checkpoint=True, static_input=True)
+
+
+def get_inc_quant_methods(config) -> QuantMethods:
+    path = config.quant.quant_config_path
+    if not path:
+        raise ValueError("--quantization inc needs a QUANT_CONFIG json: set the QUANT_CONFIG environment "
+                         "variable or pass --quant-config")
+    cfg = IncQuantConfig.from_json_file(path)
+    prefix = MULTIMODAL_PREFIX if config.model.hf_config.multimodal else ""
+    if cfg.mode == "MEASURE":
+        return IncMeasureMethods(cfg, prefix)
+    if cfg.mode in ("QUANTIZE", "LOAD"):
+        return IncQuantizeMethods(cfg, prefix)
+    raise ValueError(f"QUANT_CONFIG mode {cfg.mode} is not supported by herd (use MEASURE or QUANTIZE)")
+
