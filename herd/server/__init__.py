@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server (`herd serve`): see docs/serving.md."""

@@ -1,0 +1,136 @@
+"""The FastAPI app: routes of vLLM's OpenAI-compatible server over one AsyncLLMEngine."""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from herd import __version__
+from herd.server.errors import OpenAIError, install_error_handlers
+from herd.server.metrics import ServerMetrics
+from herd.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from herd.server.serving import OpenAIServing, ServerSettings
+from herd.server.serving_chat import OpenAIServingChat, render_chat
+from herd.server.serving_completion import OpenAIServingCompletion
+
+# Paths that need the API key (vLLM guards the same prefixes; /health and /metrics stay open).
+_GUARDED_PREFIXES = ("/v1", "/v2", "/inference")
+
+
+class APIKeyMiddleware:
+    """401 on guarded paths unless `Authorization: Bearer <key>` matches (constant-time compare).
+    A plain ASGI middleware, so streaming responses and disconnects pass through untouched."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["method"] != "OPTIONS"
+                and scope["path"].startswith(_GUARDED_PREFIXES)):
+            headers = dict(scope.get("headers") or ())
+            if not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
+                body = json.dumps({"error": "Unauthorized"}).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def settings_from_args(args, engine) -> ServerSettings:
+    names = getattr(args, "served_model_name", None) or [getattr(args, "model", None) or engine.config.model.model]
+    return ServerSettings(
+        served_model_names=list(names), model_path=engine.config.model.model,
+        max_logprobs=getattr(args, "max_logprobs", 20),
+        chat_template=getattr(args, "chat_template", None),
+        trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
+        response_role=getattr(args, "response_role", "assistant"),
+        log_requests=getattr(args, "enable_log_requests", False),
+        api_key=getattr(args, "api_key", None))
+
+
+def build_app(engine, args) -> FastAPI:
+    """The server app over a running AsyncLLMEngine; `args` are `herd serve`'s parsed flags (any
+    object with those attributes; missing ones take their defaults)."""
+    settings = settings_from_args(args, engine)
+    metrics = ServerMetrics(engine, settings.served_model_names[0], engine.engine.max_model_len)
+    completion = OpenAIServingCompletion(engine, settings, metrics)
+    chat = OpenAIServingChat(engine, settings, metrics)
+    base = OpenAIServing(engine, settings, metrics)
+    created = int(time.time())
+
+    app = FastAPI(title="herd OpenAI-compatible server", version=__version__)
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    install_error_handlers(app)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if engine.is_running else 503)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():
+        return Response(status_code=200 if engine.is_running else 503)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        cards = [{"id": name, "object": "model", "created": created, "owned_by": "herd",
+                  "root": settings.model_path, "parent": None, "max_model_len": base.max_model_len,
+                  "permission": [{"id": f"modelperm-{name}", "object": "model_permission",
+                                  "created": created, "allow_create_engine": False,
+                                  "allow_sampling": True, "allow_logprobs": True,
+                                  "allow_search_indices": False, "allow_view": True,
+                                  "allow_fine_tuning": False, "organization": "*", "group": None,
+                                  "is_blocking": False}]}
+                 for name in settings.served_model_names]
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw_request: Request):
+        return await completion.create_completion(request, raw_request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
+        return await chat.create_chat_completion(request, raw_request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest):
+        base.model_name(request.model)
+        tok = engine.tokenizer
+        if request.messages is not None:
+            ids = render_chat(tok, settings, request)
+        else:
+            add_special = True if request.add_special_tokens is None else request.add_special_tokens
+            ids = tok.encode(request.prompt, add_special_tokens=add_special)
+        strs = tok.convert_ids_to_tokens(ids) if request.return_token_strs else None
+        return {"count": len(ids), "max_model_len": base.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest):
+        base.model_name(request.model)
+        bad = [t for t in request.tokens if not 0 <= t < base.vocab_size]
+        if bad:
+            raise OpenAIError(f"Token id {bad[0]} is out of vocabulary (vocab size {base.vocab_size})",
+                              param="tokens")
+        return {"prompt": engine.tokenizer.decode(request.tokens)}
+
+    @app.get("/load")
+    async def load():
+        return JSONResponse({"server_load": engine.num_unfinished()})
+
+    return app

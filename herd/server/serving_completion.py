@@ -1,0 +1,120 @@
+"""POST /v1/completions: one or several prompts (text or token ids), n samples each."""
+from __future__ import annotations
+
+from contextlib import aclosing
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from herd.server.errors import OpenAIError, error_body, to_openai_error
+from herd.server.protocol import CompletionRequest
+from herd.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, Prepared, SSEResponse,
+                                 UsageTracker, finish_fields, now, prompt_logprobs_json, run_until_disconnect,
+                                 sse)
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    def _prepare_all(self, request: CompletionRequest) -> list[Prepared]:
+        preps = []
+        for prompt in request.prompts():
+            if isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
+                text = prompt
+            else:
+                ids = list(prompt)
+                bad = [t for t in ids if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise OpenAIError(f"Token id {bad[0]} is out of vocabulary (vocab size {self.vocab_size})",
+                                      param="prompt")
+                text = self.tokenizer.decode(ids, skip_special_tokens=False) if request.echo else None
+            preps.append(self.prepare(ids, request, text))
+        return preps
+
+    async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
+        model = self.model_name(request.model)
+        preps = self._prepare_all(request)
+        request_id = self.new_request_id("cmpl", request)
+        if request.stream:
+            return SSEResponse(self._stream(request, preps, request_id, model))
+        finals = await run_until_disconnect(raw_request, self.collect(preps, request_id))
+        if finals is None:  # the client went away
+            return Response(status_code=499)
+        return JSONResponse(self._response(request, preps, finals, request_id, model))
+
+    def _echo_prefix(self, request: CompletionRequest, prep: Prepared, out) -> tuple[str, dict | None]:
+        """Prompt text and (with logprobs) prompt-token logprobs shown before the completion."""
+        if not request.echo:
+            return "", None
+        text = prep.text or ""
+        if request.logprobs is None:
+            return text, None
+        return text, self.completion_logprobs(out.prompt_token_ids, out.prompt_logprobs or [], 0,
+                                              request.return_tokens_as_token_ids)
+
+    def _response(self, request, preps, finals, request_id, model) -> dict:
+        choices, usage = [], UsageTracker()
+        for i, (prep, out) in enumerate(zip(preps, finals)):
+            usage.update(i, out)
+            prefix, prefix_lps = self._echo_prefix(request, prep, out)
+            for o in out.outputs:
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = self.completion_logprobs(o.token_ids, o.logprobs or [], len(prefix),
+                                                        request.return_tokens_as_token_ids)
+                    if prefix_lps is not None:
+                        logprobs = {k: prefix_lps[k] + logprobs[k] for k in logprobs}
+                choices.append({"index": i * request.n + o.index, "text": prefix + o.text,
+                                "logprobs": logprobs, **finish_fields(o), "prompt_logprobs": None})
+                if request.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
+        return {"id": request_id, "object": "text_completion", "created": now(), "model": model,
+                "choices": choices, "usage": usage.as_dict(), "system_fingerprint": None}
+
+    async def _stream(self, request: CompletionRequest, preps, request_id, model):
+        created = now()
+        cursors = {}
+        usage = UsageTracker()
+
+        def chunk(choices, with_usage=False):
+            body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                    "choices": choices}
+            if with_usage:
+                body["usage"] = usage.as_dict()
+            return sse(body)
+
+        try:
+            async with aclosing(self.merged(preps, request_id)) as stream:
+                async for i, out in stream:
+                    prep = preps[i]
+                    usage.update(i, out)
+                    for o in out.outputs:
+                        cur = cursors.setdefault((i, o.index), ChoiceCursor())
+                        if cur.finished:  # n > 1: this sample ended in an earlier output
+                            continue
+                        sent_before = cur.text_sent
+                        delta, t0, t1 = cur.advance(o, prep.params)
+                        prefix, prefix_lps = ("", None)
+                        if not cur.started:
+                            prefix, prefix_lps = self._echo_prefix(request, prep, out)
+                            cur.echo_len = len(prefix)
+                        logprobs = None
+                        if request.logprobs is not None:
+                            logprobs = self.completion_logprobs(o.token_ids[t0:t1], (o.logprobs or [])[t0:t1],
+                                                                cur.echo_len + sent_before,
+                                                                request.return_tokens_as_token_ids)
+                            if prefix_lps is not None:
+                                logprobs = {k: prefix_lps[k] + logprobs[k] for k in logprobs}
+                        has_tokens = logprobs is not None and t1 > t0
+                        if not (prefix or delta or has_tokens or cur.finished):
+                            continue
+                        cur.started = True
+                        yield chunk([{"index": i * request.n + o.index, "text": prefix + delta,
+                                      "logprobs": logprobs, **finish_fields(o)}],
+                                    with_usage=request.continuous_usage)
+            if request.include_usage:
+                yield chunk([], with_usage=True)
+        except Exception as e:  # the 200 is already sent: report the error in the stream
+            err = to_openai_error(e)
+            yield sse(error_body(err.message, err.status, err.type, err.param))
+        yield SSE_DONE
+
