@@ -358,6 +358,7 @@ def test_cli_flags(scout_dir, capsys):
     assert (args.tensor_parallel_size, args.max_model_len, args.block_size, args.quantization) == (8, 4096, 128, "inc")
     assert (args.distributed_executor_backend, args.gpu_memory_utilization, args.host) == ("ray", 0.95, "::")
     resolve_args(args)
+    engine_kwargs(args)
     assert "not needed" in capsys.readouterr().err
     assert args.model == scout_dir and args.served_model_name is None
 
