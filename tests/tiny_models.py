@@ -98,3 +98,46 @@ def save_tiny_tokenizer(path, vocab_size: int = 320):
     with open(os.path.join(str(path), "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": [2, 5], "pad_token_id": 0}, f)
     return path
+
+
+IMAGE_SPECIAL_TOKENS = ["<|image_start|>", "<|image_end|>", "<|tile_x_separator|>", "<|tile_y_separator|>",
+                        "<|image|>", "<|patch|>"]
+TINY_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                   image_size=56, patch_size=14, pixel_shuffle_ratio=0.5, projector_input_dim=64,
+                   projector_output_dim=64, vision_output_dim=64, rope_theta=10000)
+TINY_TILE, TINY_MAX_TILES = 56, 4  # 4×4 patches per tile -> 4 <|patch|> tokens per tile after pixel shuffle
+
+
+def make_tiny_multimodal_checkpoint(path, variant: str = "scout", seed: int = 0, **over) -> str:
+    """Llama4ForConditionalGeneration with a real (tiny) vision tower, a tokenizer that has the
+    image tokens, Llama 4's own chat template and a preprocessor_config.json with 56-pixel tiles."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers.models.llama4.processing_llama4 import chat_template
+
+    path = str(path)
+    save_tiny_tokenizer(path)
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    tok.add_special_tokens({"additional_special_tokens": IMAGE_SPECIAL_TOKENS})
+    tok.chat_template = chat_template
+    tok.save_pretrained(path)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in IMAGE_SPECIAL_TOKENS}
+    text = text_config_dict(variant, **over)
+    if max(ids.values()) >= text["vocab_size"]:
+        raise RuntimeError(f"image token ids {ids} do not fit the tiny vocabulary")
+    torch.manual_seed(seed)
+    cfg = Llama4Config(text_config=text, vision_config=dict(TINY_VISION),
+                       image_token_index=ids["<|patch|>"], boi_token_index=ids["<|image_start|>"],
+                       eoi_token_index=ids["<|image_end|>"])
+    model = Llama4ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.08 if p.dim() > 1 else 0.02)
+            elif name.startswith("vision_model."):  # LayerNorm affine terms away from 1 / 0
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval().save_pretrained(path, safe_serialization=True)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "Llama4ImageProcessor", "size": {"height": TINY_TILE, "width": TINY_TILE},
+                   "max_patches": TINY_MAX_TILES, "resize_to_max_canvas": False, "image_mean": [0.5] * 3,
+                   "image_std": [0.5] * 3, "rescale_factor": 1 / 255}, f)
+    return path

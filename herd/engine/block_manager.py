@@ -102,7 +102,10 @@ class BlockManager:
         while len(hashes) < n_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else hash(("herd", extra_key))
-            hashes.append(hash((parent, tuple(tokens[i * bs:(i + 1) * bs]))))
+            key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
+            # blocks holding image tokens also key on the images' content hashes
+            block_extra = seq.block_extra_keys(i * bs, (i + 1) * bs)
+            hashes.append(hash(key + (block_extra,) if block_extra else key))
         return hashes[:n_blocks]
 
     def get_computed_blocks(self, seq: Sequence, extra_key=None) -> int:

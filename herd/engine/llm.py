@@ -11,6 +11,8 @@ from herd.engine.llm_engine import LLMEngine
 from herd.engine.outputs import RequestOutput
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.tokenizer import apply_chat_template
+from herd.multimodal.chat import extract_chat_images
+from herd.multimodal.media import MediaConnector
 
 
 def default_model_path() -> str:
@@ -21,10 +23,15 @@ def default_model_path() -> str:
 class LLM:
     """LLM(model=path, dtype=..., max_model_len=..., tensor_parallel_size=..., quantization=...,
     kv_cache_dtype=..., block_size=..., gpu_memory_utilization=..., num_kv_blocks=...,
-    max_num_seqs=..., max_num_batched_tokens=..., enable_prefix_caching=..., seed=...)."""
+    max_num_seqs=..., max_num_batched_tokens=..., enable_prefix_caching=..., seed=...).
+
+    Image URLs in chat messages: data: URLs always; file:// under `allowed_local_media_path`;
+    http(s) only with `allow_remote_media=True` (public addresses only)."""
 
     def __init__(self, model: str | None = None, **kwargs):
         kwargs.pop("trust_remote_code", None)  # accepted for vLLM compatibility; nothing remote runs
+        self.media = MediaConnector(allowed_local_media_path=kwargs.pop("allowed_local_media_path", None) or None,
+                                    allow_remote=bool(kwargs.pop("allow_remote_media", False)))
         self.config = EngineConfig.from_kwargs(model or default_model_path(), **kwargs)
         self.llm_engine = LLMEngine(self.config)
         self._counter = itertools.count()
@@ -53,12 +60,20 @@ class LLM:
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template: str | None = None, chat_template_kwargs: dict | None = None,
              tools: list[dict] | None = None) -> list[RequestOutput]:
-        """messages: one conversation (list of dicts) or a list of conversations."""
+        """messages: one conversation (list of dicts) or a list of conversations. Image parts
+        ({"type": "image_url", "image_url": {"url": ...}} or {"type": "image_pil", "image_pil": img})
+        become <|image|> in the template and go to the model as multi_modal_data."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [{"prompt_token_ids": apply_chat_template(
-            self.llm_engine.tokenizer, conv, add_generation_prompt=add_generation_prompt, tools=tools,
-            chat_template=chat_template, continue_final_message=continue_final_message,
-            **(chat_template_kwargs or {}))} for conv in conversations]
+        prompts = []
+        for conv in conversations:
+            conv, images = extract_chat_images(conv, self.media.load_image)
+            prompt = {"prompt_token_ids": apply_chat_template(
+                self.llm_engine.tokenizer, conv, add_generation_prompt=add_generation_prompt, tools=tools,
+                chat_template=chat_template, continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}))}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts, params, use_tqdm) -> list[RequestOutput]:

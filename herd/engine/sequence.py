@@ -4,11 +4,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from herd.engine.outputs import Logprob, PromptLogprobs, RequestMetrics
 from herd.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from herd.multimodal.inputs import MultiModalInputs
 
 
 class SequenceStatus(enum.Enum):
@@ -51,6 +55,7 @@ class Sequence:
     stop_reason: int | str | None = None
     detokenizer: object | None = None
     metrics: RequestMetrics | None = None
+    multi_modal: MultiModalInputs | None = None   # images of the prompt (shared by a request's seqs)
 
     def __post_init__(self):
         if self.metrics is None:
@@ -77,6 +82,10 @@ class Sequence:
     @property
     def finish_reason(self) -> str | None:
         return FINISH_REASON.get(self.status)
+
+    def block_extra_keys(self, start: int, end: int) -> tuple:
+        """Prefix-cache keys besides the tokens of positions [start, end): the image hashes."""
+        return self.multi_modal.extra_keys(start, end) if self.multi_modal is not None else ()
 
     def token_at(self, pos: int) -> int:
         p = len(self.prompt_token_ids)
