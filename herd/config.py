@@ -1,6 +1,6 @@
 """EngineConfig: built once from CLI flags or LLM(...) kwargs and passed down.
 
-This is the only module that reads environment variables (QUANT_CONFIG, HERD_API_KEY).
+This is the only module that reads environment variables (QUANT_CONFIG, HERD_API_KEY, HERD_CACHE).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from herd.model.config import Llama4TextConfig
+from herd.model.gguf import is_gguf_path
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -30,6 +31,13 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str = "bfloat16",
     return _DTYPES[dtype]
 
 
+def gguf_cache_dir() -> str:
+    """Where converted GGUF files go: $HERD_CACHE/gguf, else $XDG_CACHE_HOME/herd/gguf, else ~/.cache/herd/gguf."""
+    root = os.environ.get("HERD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "herd")
+    return os.path.join(root, "gguf")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -43,10 +51,13 @@ class ModelConfig:
     trust_remote_code: bool = False
     served_model_name: list[str] | None = None
     tokenizer: str | None = None
+    max_logprobs: int = 20                    # largest logprobs / prompt_logprobs a request may ask
     hf_config: Llama4TextConfig | None = None
     torch_dtype: torch.dtype = torch.bfloat16
 
     def finalize(self, device: str):
+        if self.hf_config is None and is_gguf_path(self.model):
+            self._convert_gguf()
         if self.hf_config is None:
             self.hf_config = Llama4TextConfig.from_pretrained(self.model)
         self.torch_dtype = resolve_dtype(self.dtype, self.hf_config.torch_dtype, device)
@@ -56,6 +67,18 @@ class ModelConfig:
         if self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.tokenizer is None:
+            self.tokenizer = self.model
+
+    def _convert_gguf(self):
+        """A .gguf file becomes its converted HF folder (cached) before anything reads the model;
+        float32 / float16 runs get weights dequantized to that dtype, others bf16."""
+        from herd.model.gguf import gguf_to_hf
+
+        source = self.model
+        wanted = resolve_dtype(self.dtype) if self.dtype != "auto" else torch.bfloat16
+        dtype = {torch.float32: "float32", torch.float16: "float16"}.get(wanted, "bfloat16")
+        self.model = gguf_to_hf(source, gguf_cache_dir(), dtype)
+        if self.tokenizer is None or self.tokenizer == source:
             self.tokenizer = self.model
 
 

@@ -95,5 +95,6 @@ def engine_kwargs(args) -> dict:
               distributed_executor_backend=args.distributed_executor_backend,
               enable_expert_parallel=args.enable_expert_parallel, quantization=args.quantization,
               quant_config_path=args.quant_config, device=args.device,
-              served_model_name=getattr(args, "served_model_name", None))
+              served_model_name=getattr(args, "served_model_name", None),
+              max_logprobs=getattr(args, "max_logprobs", None))
     return {k: v for k, v in kw.items() if v is not None}

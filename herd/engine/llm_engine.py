@@ -1,6 +1,7 @@
 """LLMEngine: the step loop. add_request -> step() (schedule, run, sample, detokenize, stop) -> outputs."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -17,6 +18,8 @@ from herd.engine.scheduler import Scheduler
 from herd.engine.sequence import Sequence, SequenceStatus
 from herd.engine.tokenizer import (IncrementalDetokenizer, decode_logprob_tokens, get_tokenizer,
                                    load_generation_config)
+from herd.multimodal.inputs import MultiModalInputs
+from herd.multimodal.processing import MultiModalProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class LLMEngine:
         torch.manual_seed(mc.seed)
         self.tokenizer = get_tokenizer(mc.tokenizer)
         self.generation_config = load_generation_config(mc.model)
+        self.mm_processor = self._make_mm_processor()
         self.vocab_size = mc.hf_config.vocab_size
         self.max_model_len = mc.max_model_len
         if executor is None:
@@ -76,6 +80,7 @@ class LLMEngine:
         need = self.block_manager.blocks_needed(self.max_model_len)
         short = {g: (need[g], n) for g, n in num_blocks.items() if n < need[g]}
         if short:
+            executor.shutdown()
             raise ValueError(f"the KV cache is too small for one sequence of max_model_len={self.max_model_len}: "
                              f"(needed, available) blocks per group {short}; lower max_model_len or give "
                              "the cache more memory")
@@ -85,6 +90,15 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info("KV cache: %s blocks of %d tokens", num_blocks, config.cache.block_size)
+
+    def check_health(self):
+        """Raise if a part of the engine (a tensor-parallel worker) is gone."""
+        self.executor.check_health()
+
+    def shutdown(self):
+        """Stop the executor's ranks (idempotent); returns the files their runners wrote on the way
+        out (INC MEASURE)."""
+        return self.executor.shutdown()
 
     # -- requests ---------------------------------------------------------------------------
     def default_sampling_params(self) -> SamplingParams:
@@ -105,6 +119,53 @@ class LLMEngine:
             return None, list(prompt)
         raise TypeError(f"unsupported prompt type {type(prompt).__name__}")
 
+    # -- image input ------------------------------------------------------------------------
+    def _make_mm_processor(self) -> MultiModalProcessor | None:
+        """Image input needs a checkpoint with a vision tower and a tokenizer with the image tokens."""
+        mc = self.config.model
+        raw = mc.hf_config.raw
+        if not mc.hf_config.multimodal or raw.get("vision_config") is None:
+            return None
+        try:
+            return MultiModalProcessor.from_pretrained(mc.model, self.tokenizer, raw)
+        except ValueError as e:
+            logger.warning("image input is disabled: %s", e)
+            return None
+
+    def process_prompt(self, prompt, params: SamplingParams) -> tuple[str | None, list[int],
+                                                                       MultiModalInputs | None]:
+        """Tokenize and validate a prompt; with `multi_modal_data` also expand its <|image|>
+        placeholders and preprocess the images (CPU work that callers may run off the engine thread).
+        The result can be resubmitted as {"prompt": text, "prompt_token_ids": ids,
+        "multi_modal_inputs": mm}, which add_request then only validates."""
+        text, ids = self.tokenize_prompt(prompt)
+        mm = None
+        if isinstance(prompt, dict) and prompt.get("multi_modal_inputs") is not None:
+            mm = prompt["multi_modal_inputs"]
+            if self.mm_processor is None:
+                raise ValueError("this model does not accept image input")
+            if not isinstance(mm, MultiModalInputs):
+                raise TypeError("multi_modal_inputs must come from LLMEngine.process_prompt")
+            mm.validate(ids, self.mm_processor.ids.patch)
+        elif isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+            ids, mm = self._process_images(ids, prompt["multi_modal_data"], params)
+        self.check_prompt(ids, params)
+        return text, ids, mm
+
+    def _process_images(self, ids: list[int], data, params: SamplingParams):
+        if self.mm_processor is None:
+            raise ValueError("this model does not accept image input (no vision tower, or its tokenizer "
+                             "lacks the image tokens)")
+        if not isinstance(data, dict):
+            raise ValueError("multi_modal_data must be a dict like {'image': image or [images]}")
+        unknown = sorted(set(data) - {"image"})
+        if unknown:
+            raise ValueError(f"unsupported multi_modal_data keys {unknown}: only 'image' is supported")
+        images = data.get("image")
+        if images is None or (isinstance(images, (list, tuple)) and not images):
+            return ids, None
+        return self.mm_processor.process(ids, images, check=lambda expanded: self.check_prompt(expanded, params))
+
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams):
         if not prompt_ids:
             raise ValueError("The decoder prompt cannot be empty")
@@ -122,9 +183,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = (params or self.default_sampling_params()).clone()
-        text, prompt_ids = self.tokenize_prompt(prompt)
-        self.check_prompt(prompt_ids, params)
-        params.verify(self.vocab_size)
+        text, prompt_ids, mm = self.process_prompt(prompt, params)
+        params.verify(self.vocab_size, self.config.model.max_logprobs)
         params.update_from_generation_config(self.generation_config, self.tokenizer.eos_token_id)
         params.update_from_tokenizer(self.tokenizer)
         room = self.max_model_len - len(prompt_ids)
@@ -134,7 +194,8 @@ class LLMEngine:
         seqs = []
         for i in range(params.n):
             child = params.for_child(i) if params.n > 1 else params
-            seq = Sequence(next(self._seq_counter), request_id, i, list(prompt_ids), child, arrival)
+            seq = Sequence(next(self._seq_counter), request_id, i, list(prompt_ids), child, arrival,
+                           multi_modal=mm)
             if child.seed is not None:
                 seq.generator = make_generator(child.seed, self.executor.device)
             seq.detokenizer = IncrementalDetokenizer.from_params(self.tokenizer, prompt_ids, child)
@@ -225,7 +286,7 @@ class LLMEngine:
         first = state.seqs[0]
         return RequestOutput(request_id=state.request_id, prompt=state.prompt,
                              prompt_token_ids=state.prompt_token_ids, prompt_logprobs=first.prompt_logprobs,
-                             outputs=outs, finished=state.finished, metrics=first.metrics,
+                             outputs=outs, finished=state.finished, metrics=dataclasses.replace(first.metrics),
                              num_cached_tokens=first.num_cached_tokens)
 
     def stats(self) -> EngineStats:

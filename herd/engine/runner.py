@@ -13,6 +13,7 @@ from herd.engine.outputs import Logprob
 from herd.engine.sampler import Sampler, SamplingRow, gather_logprobs
 from herd.engine.scheduler import ScheduledBatch
 from herd.model.loader import load_model
+from herd.multimodal.inputs import EncoderCache, MultiModalSlice, multimodal_embeddings
 from herd.ops.attention import AttentionMetadata, KVGroupMetadata
 from herd.parallel.context import SINGLE, TPContext
 
@@ -30,6 +31,29 @@ class StepOutput:
     prompt_logprobs: list[list[dict[int, Logprob]] | None]
 
 
+@dataclass
+class SeqInput:
+    """One sequence's share of a step, as every tensor-parallel rank needs it (compact, picklable)."""
+    token_ids: list[int]                  # the tokens computed this step
+    start: int                            # position of token_ids[0]
+    block_tables: dict[str, list[int]]    # KV group -> block ids
+    num_tokens: int                       # tokens known so far (prompt + output)
+    num_prompt_tokens: int
+    prompt_logprobs: bool                 # prompt positions need logits
+    mm: list[MultiModalSlice] | None = None  # image feature rows this step writes (prefill chunks)
+
+
+def model_input(batch: ScheduledBatch) -> list[SeqInput]:
+    out = []
+    for seq, n in zip(batch.seqs, batch.num_tokens):
+        start = seq.num_computed_tokens
+        out.append(SeqInput(seq.all_token_ids[start:start + n], start,
+                            {g: list(t) for g, t in seq.block_tables.items()}, seq.num_tokens,
+                            seq.num_prompt_tokens, seq.params.prompt_logprobs is not None,
+                            seq.multi_modal.slices(start, n) if seq.multi_modal is not None else None))
+    return out
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp: TPContext = SINGLE, quant=None):
         self.config = config
@@ -40,8 +64,11 @@ class ModelRunner:
         self.hf_config = mc.hf_config
         self.dtype = mc.torch_dtype
         self.block_size = config.cache.block_size
+        self.quant = quant
         self.model = load_model(mc.model, dtype=self.dtype, device=self.device, tp=tp, quant=quant,
-                                expert_parallel=config.parallel.enable_expert_parallel, config=mc.hf_config)
+                                expert_parallel=config.parallel.enable_expert_parallel, config=mc.hf_config,
+                                multimodal=True)
+        self.encoder_cache = EncoderCache()  # image features while their prefill is in progress
         self.sampler = Sampler()
         self.layer_groups = [layer.self_attn.attn.group for layer in self.model.model.layers]
         self.kv_caches: list | None = None
@@ -97,27 +124,35 @@ class ModelRunner:
             self.kv_caches.append((torch.zeros((n, *shape), dtype=self.kv_dtype, device=self.device),
                                    torch.zeros((n, *shape), dtype=self.kv_dtype, device=self.device)))
         if self.kv_scales is None:
-            self.kv_scales = [(1.0, 1.0)] * len(self.layer_groups)
+            measured = getattr(self.quant, "kv_scales", None) or {}
+            if self.config.cache.kv_cache_dtype == "fp8_inc" and not measured:
+                raise ValueError("--kv-cache-dtype fp8_inc needs --quantization inc with KV-cache measurements "
+                                 "(k_cache/v_cache nodes) in QUANT_CONFIG's measurement files")
+            self.kv_scales = [measured.get(i, (1.0, 1.0)) for i in range(len(self.layer_groups))]
+
+    def finish(self):
+        """Shutdown work: INC MEASURE writes its measurement files."""
+        return self.quant.finish() if self.quant is not None else []
 
     # -- one step ---------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch):
+    def prepare(self, inp: list[SeqInput]):
         bs = self.block_size
         ids, pos, qsl, seq_lens = [], [], [0], []
         slots = {g: [] for g in self.kv_groups()}
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            start = seq.num_computed_tokens
-            ids.extend(seq.all_token_ids[start:start + n])
-            positions = range(start, start + n)
+        for s in inp:
+            n = len(s.token_ids)
+            ids.extend(s.token_ids)
+            positions = range(s.start, s.start + n)
             pos.extend(positions)
             qsl.append(qsl[-1] + n)
-            seq_lens.append(start + n)
+            seq_lens.append(s.start + n)
             for g in slots:
-                table = seq.block_tables[g]
+                table = s.block_tables[g]
                 slots[g].extend(table[p // bs] * bs + p % bs for p in positions)
         groups = {}
         for g in slots:
-            width = max(len(s.block_tables[g]) for s in batch.seqs)
-            tables = [s.block_tables[g] + [-1] * (width - len(s.block_tables[g])) for s in batch.seqs]
+            width = max(len(s.block_tables[g]) for s in inp)
+            tables = [s.block_tables[g] + [-1] * (width - len(s.block_tables[g])) for s in inp]
             groups[g] = KVGroupMetadata(torch.tensor(tables, dtype=torch.long, device=self.device),
                                         torch.tensor(slots[g], dtype=torch.long, device=self.device))
         meta = AttentionMetadata(query_start_loc=qsl, seq_lens=seq_lens, groups=groups,
@@ -127,22 +162,38 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, eos_ids: set[int] | None = None) -> StepOutput:
-        input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
+        return self.execute_model(model_input(batch), batch, eos_ids)
+
+    @torch.inference_mode()
+    def execute_model(self, inp: list[SeqInput], batch: ScheduledBatch | None = None,
+                      eos_ids: set[int] | None = None) -> StepOutput | None:
+        """Forward and logits for `inp`. The driver passes the live `batch` (sampling state) and
+        samples; other tensor-parallel ranks pass None and run the same collectives (the lm_head
+        gathers included), returning None."""
+        input_ids, positions, meta = self.prepare(inp)
+        embeds = multimodal_embeddings(self.model, input_ids, [s.mm for s in inp], meta.query_start_loc,
+                                       self.encoder_cache)
+        hidden = self.model(input_ids, positions, meta, inputs_embeds=embeds)
         # Which rows need logits: the last token of each sequence that completes its known tokens
         # (it samples), plus prompt positions whose logprobs were asked for.
         sample_rows, sample_seqs, prompt_rows = [], [], []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
-            s, start = meta.query_start_loc[i], seq.num_computed_tokens
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
-                end = min(start + n, seq.num_prompt_tokens - 1)
-                prompt_rows.append((i, list(range(s, s + end - start)), start))
-            if start + n == seq.num_tokens:
-                sample_rows.append(s + n - 1)
+        for i, s in enumerate(inp):
+            q, n, start = meta.query_start_loc[i], len(s.token_ids), s.start
+            if s.prompt_logprobs and start < s.num_prompt_tokens - 1:
+                end = min(start + n, s.num_prompt_tokens - 1)
+                prompt_rows.append((i, list(range(q, q + end - start)), start))
+            if start + n == s.num_tokens:
+                sample_rows.append(q + n - 1)
                 sample_seqs.append(i)
-        sampled: list[int | None] = [None] * len(batch.seqs)
-        logprobs: list = [None] * len(batch.seqs)
-        prompt_lps: list = [None] * len(batch.seqs)
+        if batch is None:
+            if sample_rows:
+                self.model.compute_logits(hidden[sample_rows])
+            for _, rows_idx, _ in prompt_rows:
+                self.model.compute_logits(hidden[rows_idx])
+            return None
+        sampled: list[int | None] = [None] * len(inp)
+        logprobs: list = [None] * len(inp)
+        prompt_lps: list = [None] * len(inp)
         if sample_rows:
             logits = self.model.compute_logits(hidden[sample_rows]).float()
             rows = [SamplingRow(params=batch.seqs[i].params,

@@ -27,7 +27,12 @@ class QuantMethods:
     def moe(self, prefix: str):
         return None
 
-    kv_cache_dtype = None
+    def post_load(self, model):
+        """Called once the weights are loaded, on the CPU, before the model moves to its device."""
+
+    def finish(self):
+        """Called at shutdown (INC MEASURE writes its files here)."""
+        return []
 
 
 class Attention(nn.Module):
@@ -59,7 +64,8 @@ class Llama4Attention(nn.Module):
                                         quant.linear(f"{prefix}.o_proj"))
         nh, nkv, d = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = nh * d, nkv * d
-        self.rotary_emb = RotaryEmbedding(d, cfg.rope_theta, cfg.rope_scaling) if self.use_rope else None
+        self.rotary_emb = (RotaryEmbedding(d, cfg.rope_theta, cfg.rope_scaling, cfg.rope_style)
+                           if self.use_rope else None)
         self.qk_norm = RMSNorm(d, cfg.rms_norm_eps, has_weight=False) if self.use_rope and cfg.use_qk_norm else None
         self.temperature_tuning = (not self.use_rope) and cfg.attn_temperature_tuning
         self.floor_scale, self.attn_scale = cfg.floor_scale, cfg.attn_scale

@@ -34,6 +34,8 @@ _STACKED = {  # HF module suffix -> (herd module suffix, shard id)
 _PER_EXPERT = re.compile(r"^(.*\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\."
                          r"(weight|weight_scale|input_scale)$")
 _EXPERT_SHARD = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+# HF Llama 1-3 name the dense FFN `mlp`; herd's decoder layer (Llama 4's layout) calls it `feed_forward`.
+_DENSE_LLAMA_MLP = re.compile(r"^(model\.layers\.\d+)\.mlp\.")
 _LEAVES = ("weight", "weight_scale", "input_scale")
 
 
@@ -90,12 +92,14 @@ def expand_tensor_scales(weights, shapes: dict[str, list[int]]):
         yield name, t
 
 
-def _strip(name: str) -> str | None:
+def _strip(name: str, keep_vision: bool = False) -> str | None:
     if name.startswith("language_model."):
         name = name[len("language_model."):]
     if name.startswith(_VISION_PREFIXES):
+        return name if keep_vision else None
+    if name.endswith(".rotary_emb.inv_freq"):  # a buffer some older HF Llama checkpoints saved
         return None
-    return name
+    return _DENSE_LLAMA_MLP.sub(r"\1.feed_forward.", name)
 
 
 def load_weights(model: Llama4ForCausalLM, weights: Iterator[tuple[str, torch.Tensor]],
@@ -123,9 +127,13 @@ def load_weights(model: Llama4ForCausalLM, weights: Iterator[tuple[str, torch.Te
                              f"{tuple(tensor.shape)} does not fit parameter {tuple(param.shape)}: {err}") from None
         filled.setdefault(pname, set()).add((shard, expert_id))
 
+    keep_vision = hasattr(model, "vision_model")
     for name, tensor in weights:
-        name = _strip(name)
+        name = _strip(name, keep_vision)
         if name is None:
+            continue
+        if name.startswith(_VISION_PREFIXES):  # HF names as they are (unfused, unquantized)
+            put(name, tensor)
             continue
         if name.endswith(".feed_forward.experts.gate_up_proj"):
             pname = name.replace("gate_up_proj", "w13_weight")
@@ -200,13 +208,24 @@ def process_weights_after_loading(model: torch.nn.Module):
 
 def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                tp: TPContext = SINGLE, quant: QuantMethods | None = None, expert_parallel: bool = False,
-               config: Llama4TextConfig | None = None, weights=None) -> Llama4ForCausalLM:
-    """Build on CPU, load and (optionally) quantize there, then move to the device."""
+               config: Llama4TextConfig | None = None, weights=None,
+               multimodal: bool = False) -> Llama4ForCausalLM:
+    """Build on CPU, load and (optionally) quantize there, then move to the device.
+
+    multimodal=True also loads the vision tower and projector of a Llama4ForConditionalGeneration
+    checkpoint (herd.model.mllama4); otherwise their tensors are skipped."""
     cfg = config or Llama4TextConfig.from_pretrained(path)
     with torch.device("cpu"):
-        model = Llama4ForCausalLM(cfg, dtype=dtype, tp=tp, quant=quant, expert_parallel=expert_parallel)
+        if multimodal and cfg.multimodal and cfg.raw.get("vision_config") is not None:
+            from herd.model.mllama4 import Llama4ForConditionalGeneration
+            klass = Llama4ForConditionalGeneration
+        else:
+            klass = Llama4ForCausalLM
+        model = klass(cfg, dtype=dtype, tp=tp, quant=quant, expert_parallel=expert_parallel)
     if weights is None:
         weights = expand_tensor_scales(iterate_checkpoint(path), checkpoint_shapes(path))
     load_weights(model, weights)
     process_weights_after_loading(model)
+    if quant is not None:
+        quant.post_load(model)
     return model.to(device).eval()

@@ -1,0 +1,1 @@
+"""Tensor and expert parallelism: process groups, per-rank workers and the executors (docs/parallel.md)."""

@@ -69,10 +69,7 @@ class _ObservedLinear:
         y = self.inner.apply(layer, x)
         if self.row_parallel and self.collector.wants(self.node, "outputs"):
             # [max over ranks of the partial output, the all-reduced output]
-            amax = y.detach().abs().amax().float().reshape(1)
-            if layer.tp.size > 1:
-                import torch.distributed as dist
-                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=layer.tp.group)
+            amax = layer.tp.all_reduce(y.detach().abs().amax().float().reshape(1), op="max")
             self.collector.observe_amax(self.node, "outputs", 0, amax[0])
             reduced = layer.tp.all_reduce(y.clone()) if layer.tp.size > 1 else y
             self.collector.observe(self.node, "outputs", 1, reduced)
