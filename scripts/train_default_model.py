@@ -7,7 +7,7 @@ layers, chunked attention, a NoPE layer, QK-norm, attention temperature tuning, 
 with AdamW and a cosine schedule on one CPU thread, and save a standard Hugging Face folder.
 
     python scripts/prepare_default_data.py
-    python scripts/train_default_model.py --steps 1300 --log docs/default_model_training.log
+    python scripts/train_default_model.py --steps 1750 --log docs/default_model_training.log
 
 Interrupted runs continue from the last checkpoint with --resume.
 """
@@ -213,12 +213,13 @@ def save_model(model, tokenizer, out: str) -> None:
 
 
 def _embed_chat_template(out: str) -> None:
-    """Keep the chat template inside tokenizer_config.json (where Llama 4 checkpoints carry it)."""
+    """Keep the chat template inside tokenizer_config.json, where Llama 4 checkpoints carry it."""
     jinja = os.path.join(out, "chat_template.jinja")
     path = os.path.join(out, "tokenizer_config.json")
     with open(path) as f:
         cfg = json.load(f)
     cfg["chat_template"] = CHAT_TEMPLATE
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # the class name transformers 4.x and 5.x both know
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2, ensure_ascii=False)
         f.write("\n")
@@ -243,7 +244,7 @@ def main() -> None:
     ap.add_argument("--out", default="herd/assets/default")
     ap.add_argument("--work", default="build/default_model", help="checkpoints and the tokenizer in training")
     ap.add_argument("--log", default=None, help="append the training log to this file")
-    ap.add_argument("--steps", type=int, default=1300)
+    ap.add_argument("--steps", type=int, default=1750)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=SEQ_LEN)
     ap.add_argument("--lr", type=float, default=2e-3)
