@@ -70,7 +70,8 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
 
 
 def gather_kv(cache, block_ids, n_tokens, dtype, scale=1.0):
-    kv = cache[block_ids].flatten(0, 1)[:n_tokens]
+    """block_ids [n] -> [n_tokens, Hkv, d]; with n_tokens None, block_ids [B, W] -> [B, W, bs, Hkv, d]."""
+    kv = cache[block_ids] if n_tokens is None else cache[block_ids].flatten(0, 1)[:n_tokens]
     if cache.dtype in FP8_KV_DTYPES:
         return (kv.float() * scale).to(dtype)
     return kv
@@ -78,15 +79,20 @@ def gather_kv(cache, block_ids, n_tokens, dtype, scale=1.0):
 
 def paged_attention_ref(q, k, v, positions, meta: AttentionMetadata, layer_idx: int, group: str,
                         chunk: int | None, scale: float) -> torch.Tensor:
-    """Store this step's K/V, then attend each sequence's queries over its cached context."""
+    """Store this step's K/V, then attend each sequence's queries over its cached context.
+    Single-query sequences (decodes) are attended together in one batched call."""
     k_cache, v_cache = meta.kv_caches[layer_idx]
     k_scale, v_scale = meta.kv_scales[layer_idx] if meta.kv_scales else (1.0, 1.0)
     gm = meta.groups[group]
     store_kv(k, v, k_cache, v_cache, gm.slot_mapping, k_scale, v_scale)
     bs = meta.block_size
     out = torch.empty_like(q)
+    decodes = []
     for b in range(meta.num_seqs):
         s, e = meta.query_start_loc[b], meta.query_start_loc[b + 1]
+        if e - s == 1:
+            decodes.append(b)
+            continue
         if e == s:
             continue
         seq_len = meta.seq_lens[b]
@@ -103,7 +109,37 @@ def paged_attention_ref(q, k, v, positions, meta: AttentionMetadata, layer_idx: 
         vb = gather_kv(v_cache, block_ids, n_tok, q.dtype, v_scale)
         k_pos = torch.arange(start_block * bs, seq_len, device=q.device)
         out[s:e] = sdpa(q[s:e], kb, vb, attention_mask(q_pos, k_pos, chunk), scale)
+    if decodes:
+        rows = [meta.query_start_loc[b] for b in decodes]
+        out[rows] = decode_attention_ref(q[rows], positions[rows], gm.block_tables[decodes], k_cache, v_cache,
+                                         bs, chunk, scale, k_scale, v_scale, layer_idx)
     return out
+
+
+def decode_attention_ref(q, q_pos, block_tables, k_cache, v_cache, bs, chunk, scale, k_scale=1.0, v_scale=1.0,
+                         layer_idx=0) -> torch.Tensor:
+    """One query per sequence (q [B, H, d] at positions q_pos [B]): gather every sequence's visible
+    blocks into one padded [B, L] window and attend in a single batched call."""
+    B = q.shape[0]
+    start_tok = (q_pos // chunk) * chunk if chunk is not None else torch.zeros_like(q_pos)
+    start_blk = start_tok // bs
+    n_blk = q_pos // bs + 1
+    width = int((n_blk - start_blk).max())
+    blk = start_blk[:, None] + torch.arange(width, device=q.device)[None, :]
+    valid = blk < n_blk[:, None]
+    phys = block_tables.gather(1, blk.clamp(max=block_tables.shape[1] - 1))
+    if bool((valid & (phys < 0)).any()):
+        raise RuntimeError(f"a KV block needed by layer {layer_idx} was freed")
+    phys = torch.where(valid, phys, 0)
+    kb = gather_kv(k_cache, phys, None, q.dtype, k_scale).flatten(1, 2)   # [B, W*bs, Hkv, d]
+    vb = gather_kv(v_cache, phys, None, q.dtype, v_scale).flatten(1, 2)
+    k_pos = start_blk[:, None] * bs + torch.arange(width * bs, device=q.device)[None, :]
+    mask = (k_pos <= q_pos[:, None]) & (k_pos >= start_tok[:, None])      # [B, L]
+    # enable_gqa: query head j reads kv head j // group without materialising repeated K/V
+    o = F.scaled_dot_product_attention(q[:, :, None, :], kb.transpose(1, 2), vb.transpose(1, 2),
+                                       attn_mask=mask[:, None, None, :], scale=scale,
+                                       enable_gqa=q.shape[1] != kb.shape[2])
+    return o[:, :, 0, :]
 
 
 def contiguous_attention_ref(q, k, v, positions, chunk: int | None, scale: float) -> torch.Tensor:
