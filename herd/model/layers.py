@@ -50,8 +50,13 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None):
+    """style "interleaved" rotates pairs (2i, 2i+1) (Llama 4); "neox" rotates (i, i + d/2) (HF Llama 1-3)."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None, style: str = "interleaved"):
         super().__init__()
+        if style not in ("interleaved", "neox"):
+            raise ValueError(f"unknown rope style {style!r} (interleaved or neox)")
+        self.style = style
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
@@ -61,10 +66,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, H, d], k: [T, Hkv, d]; pairs (2i, 2i+1) rotate by positions * inv_freq[i]."""
+        """q: [T, H, d], k: [T, Hkv, d]; pair i rotates by positions * inv_freq[i]."""
         angle = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
         cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        rotate = _rotate if self.style == "interleaved" else _rotate_neox
+        return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -72,6 +78,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x0, x1 = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+def _rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    x0, x1 = xf.chunk(2, dim=-1)
+    return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

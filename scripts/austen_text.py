@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Plain text of Jane Austen's six novels, for perplexity and FP8 calibration on real text.
+
+Source: Debian's `r-cran-janeaustenr` (the R package janeaustenr, which takes the texts from Project
+Gutenberg). The novels (1811-1818) are in the public domain. Install with
+`apt-get install -y r-cran-janeaustenr`; the data is R's lazy-load database
+(data/Rdata.rdx index + Rdata.rdb zlib-compressed objects), read here with the `rdata` package
+(`pip install rdata`); R itself is not run.
+
+Output (deterministic for a given package version):
+  <novel>.txt         the novel: lines of a paragraph joined, paragraphs separated by a blank line
+  calib.jsonl         calibration rows {"system_prompt", "question"} for `herd calibrate`: paragraphs
+                      of --calib-novel (default emma, so calibration never sees the evaluation text)
+  manifest.json       paragraph / character counts and sha256 of every file
+
+Usage: python scripts/austen_text.py [--out build/austen] [--calib-rows 64]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import struct
+import warnings
+import zlib
+
+DATA_DIR = "/usr/lib/R/site-library/janeaustenr/data"
+NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def read_lazyload_db(data_dir: str = DATA_DIR) -> dict[str, list[str]]:
+    """{object name: character vector} from an R package's data/Rdata.rdx + Rdata.rdb."""
+    try:
+        import rdata
+    except ImportError:
+        raise SystemExit("this script needs the `rdata` package: pip install rdata") from None
+    rdx, rdb = os.path.join(data_dir, "Rdata.rdx"), os.path.join(data_dir, "Rdata.rdb")
+    if not os.path.isfile(rdx):
+        raise SystemExit(f"{rdx} not found: apt-get install -y r-cran-janeaustenr (or pass --data-dir)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rdata notes that .rdx is an RDS file under another extension
+        index = rdata.conversion.convert(rdata.parser.parse_file(rdx))
+    with open(rdb, "rb") as f:
+        db = f.read()
+    out = {}
+    for name, (offset, length) in index["variables"].items():
+        blob = db[int(offset):int(offset) + int(length)]
+        # each object: 4-byte big-endian uncompressed length, then a zlib stream of R's serialization
+        size = struct.unpack(">I", blob[:4])[0]
+        raw = zlib.decompress(blob[4:])
+        if len(raw) != size:
+            raise SystemExit(f"{rdb}: object {name} decompressed to {len(raw)} bytes, expected {size}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a bare serialization has no file header: rdata notes it
+            out[str(name)] = [str(s) for s in rdata.conversion.convert(rdata.parser.parse_data(raw))]
+    return out
+
+
+def paragraphs(lines: list[str]) -> list[str]:
+    """Hard-wrapped lines -> paragraphs (a blank line ends a paragraph)."""
+    paras, current = [], []
+    for line in lines:
+        line = line.strip()
+        if line:
+            current.append(line)
+        elif current:
+            paras.append(" ".join(current))
+            current = []
+    if current:
+        paras.append(" ".join(current))
+    return paras
+
+
+def calibration_rows(paras: list[str], n: int, min_chars: int = 200) -> list[dict]:
+    """n evenly spaced long paragraphs as {"system_prompt", "question"} rows."""
+    long = [p for p in paras if len(p) >= min_chars]
+    if not long:
+        raise SystemExit("no paragraph long enough for calibration")
+    step = max(1, len(long) // n)
+    return [{"system_prompt": SYSTEM_PROMPT, "question": f"Continue this passage:\n\n{p}"}
+            for p in long[::step][:n]]
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=DATA_DIR)
+    parser.add_argument("--out", default="build/austen")
+    parser.add_argument("--calib-novel", default="emma", choices=NOVELS)
+    parser.add_argument("--calib-rows", type=int, default=64)
+    args = parser.parse_args(argv)
+    texts = read_lazyload_db(args.data_dir)
+    missing = [n for n in NOVELS if n not in texts]
+    if missing:
+        raise SystemExit(f"novels missing from {args.data_dir}: {missing}")
+    os.makedirs(args.out, exist_ok=True)
+    manifest = {"source": "Debian r-cran-janeaustenr (Project Gutenberg texts, public domain)", "files": {}}
+    paras_by_novel = {}
+    for name in NOVELS:
+        paras = paras_by_novel[name] = paragraphs(texts[name])
+        path = os.path.join(args.out, f"{name}.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(paras) + "\n")
+        manifest["files"][f"{name}.txt"] = {"paragraphs": len(paras), "chars": sum(map(len, paras)),
+                                            "sha256": sha256(path)}
+    rows = calibration_rows(paras_by_novel[args.calib_novel], args.calib_rows)
+    path = os.path.join(args.out, "calib.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    manifest["files"]["calib.jsonl"] = {"rows": len(rows), "novel": args.calib_novel, "sha256": sha256(path)}
+    with open(os.path.join(args.out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    total = sum(v.get("chars", 0) for v in manifest["files"].values())
+    print(f"wrote {len(NOVELS)} novels ({total / 1e6:.1f} M characters) and {len(rows)} calibration rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
