@@ -85,3 +85,11 @@ def test_fp8_kv_cache_close_to_model_dtype(scout_dir):
     for a, b in zip(out.logprobs[:4], base.logprobs[:4]):
         t = next(iter(b))
         assert abs(a[t].logprob - b[t].logprob) < 0.3
+
+
+def test_fp8_weights_stay_fp8_in_memory(scout_dir):
+    kw = dict(dtype="bfloat16", max_model_len=64, num_kv_blocks=8)
+    base = LLM(scout_dir, **kw).llm_engine.executor.runner.weight_memory()
+    fp8 = LLM(scout_dir, quantization="fp8", **kw).llm_engine.executor.runner.weight_memory()
+    assert "float8_e4m3fn" in fp8 and "float8_e4m3fn" not in base
+    assert sum(fp8.values()) < 0.75 * sum(base.values())

@@ -70,10 +70,21 @@ class ModelRunner:
                                 multimodal=True)
         self.encoder_cache = EncoderCache()  # image features while their prefill is in progress
         self.sampler = Sampler()
+        mem = self.weight_memory()
+        logger.info("rank %d weights: %.3f GiB on %s (%s)", tp.rank, sum(mem.values()) / 2**30, self.device,
+                    ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in sorted(mem.items())))
         self.layer_groups = [layer.self_attn.attn.group for layer in self.model.model.layers]
         self.kv_caches: list | None = None
         self.kv_scales: list | None = None
         self.kv_dtype = KV_DTYPES.get(config.cache.kv_cache_dtype, self.dtype)
+
+    def weight_memory(self) -> dict[str, int]:
+        """Bytes of this rank's parameters and buffers by dtype (FP8 weights stay FP8 on the device)."""
+        out: dict[str, int] = {}
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            key = str(t.dtype).replace("torch.", "")
+            out[key] = out.get(key, 0) + t.numel() * t.element_size()
+        return out
 
     # -- KV cache ---------------------------------------------------------------------------
     def kv_groups(self) -> list[str]:

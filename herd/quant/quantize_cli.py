@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -51,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calib.add_argument("--max-seq-length", type=int, default=2048)
     calib.add_argument("--save-input-amax", metavar="JSON", help="write the measured amax values here")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    report = parser.add_argument_group("accuracy report (original vs quantized, on the CPU in float32)")
+    report.add_argument("--no-report", action="store_true",
+                        help="skip the report (for checkpoints that do not fit in CPU memory)")
+    report.add_argument("--report-text", metavar="FILE",
+                        help="text to measure on, one sample per paragraph (default: a short built-in passage)")
 
 
 def _input_amax(args) -> dict[str, float] | None:
@@ -92,4 +98,16 @@ def run(args) -> int:
         print(f"warning: ignore pattern {pattern!r} matched no Linear module", file=sys.stderr)
     print(f"wrote {result.output_path}: {len(result.quantized)} Linear modules in FP8 ({args.scheme}), "
           f"{len(result.ignored)} kept unquantized, {len(result.shards)} shard(s)")
+    if not args.no_report:
+        from herd.quant.accuracy_report import quantization_report
+
+        texts = None
+        if args.report_text:
+            with open(args.report_text, encoding="utf-8") as f:
+                texts = [p.strip() for p in f.read().split("\n\n") if p.strip()][:16]
+        report = quantization_report(args.model, str(result.output_path), texts)
+        print(report.format())
+        path = os.path.join(str(result.output_path), "quantization_report.json")
+        report.save(path)
+        print(f"report saved to {path}")
     return 0
