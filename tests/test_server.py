@@ -275,7 +275,7 @@ def test_client_disconnect_frees_blocks(server):
     # A non-streaming request whose client gives up is aborted too.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, headers=server.headers,
-                   timeout=1.0)
+                   timeout=0.3)
     running, free, total = _wait_idle(server)
     assert running == 0 and free == total
     final = server.metrics()

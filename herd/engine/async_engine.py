@@ -3,6 +3,11 @@
 Callers validate and tokenize on their side (fast 400s), then hand the request to the engine
 thread through a command queue. Outputs come back through per-request asyncio queues. A caller
 that stops listening (client disconnect) aborts its request, which frees its KV blocks.
+
+A step that raises fails only the requests it was running (each gets an EngineStepError, their
+blocks are freed); the engine then checks itself with a one-token probe step. If the probe fails,
+or `max_step_failures` steps fail in a row, the engine is dead: every request gets an
+EngineDeadError and `is_running` turns False (the server's /health answers 503 and it exits).
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from herd.config import EngineConfig
 from herd.engine.llm_engine import LLMEngine
 from herd.engine.outputs import RequestOutput
 from herd.engine.sampling_params import SamplingParams
+from herd.engine.scheduler import ScheduledBatch
+from herd.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +32,19 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class EngineStepError(RuntimeError):
+    """The step running this request raised; the request was aborted, the engine lives on."""
+
+
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None,
+                 max_step_failures: int = 3):
         self.engine = engine or LLMEngine(config)
+        self.max_step_failures = max_step_failures
+        self.num_step_failures = 0        # failed steps since the engine started (for logs/tests)
+        self._failures_in_a_row = 0
+        self._stalled_since: float | None = None
+        self._stall_reported = False
         self.config = self.engine.config
         self.tokenizer = self.engine.tokenizer
         self._commands: deque = deque()
@@ -51,7 +68,7 @@ class AsyncLLMEngine:
         """Tokenize and validate in the caller's thread; raises ValueError for bad input."""
         _, ids = self.engine.tokenize_prompt(prompt)
         self.engine.check_prompt(ids, params)
-        params.verify(self.engine.vocab_size)
+        params.verify(self.engine.vocab_size, self.config.model.max_logprobs)
         return ids
 
     async def generate(self, prompt, params: SamplingParams, request_id: str,
@@ -120,19 +137,93 @@ class AsyncLLMEngine:
             while not self._stop.is_set():
                 self._apply_commands()
                 if not self.engine.has_unfinished_requests():
+                    self._stalled_since = None
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                outputs = self.engine.step()
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:
+                    self._recover(e)  # raises when the engine cannot go on
+                    continue
+                self._failures_in_a_row = 0
                 self.last_stats = self.engine.stats()
+                if not outputs:  # nothing could be scheduled: do not spin, and say so if it lasts
+                    self._note_stall()
+                    self._wake.wait(0.01)
+                    self._wake.clear()
+                    continue
+                self._stalled_since = None
                 for out in outputs:
                     self._deliver(out.request_id, out)
         except BaseException as e:  # the engine is dead: fail everything in flight
-            logger.exception("engine step failed")
+            logger.exception("the engine has stopped")
             self.errored = e
             dead = EngineDeadError(f"the engine has stopped: {e!r}")
             for rid in list(self._streams):
                 self._deliver(rid, dead)
+
+    def _note_stall(self, report_after: float = 30.0):
+        now = time.monotonic()
+        if self._stalled_since is None:
+            self._stalled_since, self._stall_reported = now, False
+        elif not self._stall_reported and now - self._stalled_since > report_after:
+            self._stall_reported = True
+            s = self.engine.stats()
+            logger.error("the scheduler has scheduled nothing for %.0f s with %d request(s) unfinished "
+                         "(%d running, %d waiting, free KV blocks %s)", now - self._stalled_since,
+                         len(self.engine.requests), s.num_running, s.num_waiting, s.free_blocks)
+
+    # -- failure isolation ------------------------------------------------------------------
+    def _recover(self, exc: Exception):
+        """Abort the requests the failed step was running and probe the engine; re-raise `exc`
+        (the engine is dead) when the probe fails or too many steps failed in a row. The callers
+        hear of it only once the verdict is in, so /health never answers 200 for a dead engine."""
+        self.num_step_failures += 1
+        self._failures_in_a_row += 1
+        victims = self._requests_in_failed_step()
+        logger.error("engine step failed (%s: %s); aborting %d request(s): %s", type(exc).__name__, exc,
+                     len(victims), ", ".join(victims[:8]) + (" ..." if len(victims) > 8 else ""),
+                     exc_info=exc)
+        for rid in victims:
+            self.engine.abort_request(rid)
+        if self._failures_in_a_row >= self.max_step_failures:
+            logger.error("%d engine steps failed in a row", self._failures_in_a_row)
+            raise exc
+        try:
+            self._probe()
+        except Exception as probe_exc:
+            logger.error("the engine's probe step failed too (%r)", probe_exc)
+            raise exc from probe_exc
+        self.last_stats = self.engine.stats()
+        error = EngineStepError(f"the engine failed while running this request ({type(exc).__name__}); "
+                                "it was aborted, see the server log")
+        for rid in victims:
+            self._deliver(rid, error)
+
+    def _requests_in_failed_step(self) -> list[str]:
+        """Requests the failed step was running: those with a scheduled (running) sequence, plus
+        any the step finished but never reported. (With a token budget smaller than the running
+        set this is a superset of the step's batch.)"""
+        return [rid for rid, state in self.engine.requests.items()
+                if state.finished or any(s.status is SequenceStatus.RUNNING for s in state.seqs)]
+
+    def _probe(self):
+        """A one-token forward pass outside the scheduler, on a block of its own."""
+        eng = self.engine
+        eng.check_health()
+        bos = eng.tokenizer.bos_token_id
+        seq = Sequence(-1, "herd-probe", 0, [bos if bos is not None else 0],
+                       SamplingParams(max_tokens=1, temperature=0.0))
+        if not eng.block_manager.allocate_slots(seq, 1):
+            logger.warning("no free KV block for the probe step; relying on the health check")
+            return
+        try:
+            out = eng.executor.execute(ScheduledBatch([seq], [1]))
+            if out.sampled[0] is None or not 0 <= out.sampled[0] < eng.vocab_size:
+                raise RuntimeError(f"the probe step sampled {out.sampled[0]!r}")
+        finally:
+            eng.block_manager.free(seq)
 
     def get_stats(self):
         """Engine counters for /metrics; read from the engine thread's last step."""

@@ -79,11 +79,13 @@ class Scheduler:
             if seq.num_computed_tokens == 0:
                 self.block_manager.get_computed_blocks(seq)
             remaining = seq.num_tokens - seq.num_computed_tokens
-            if not self.chunked_prefill and remaining > budget:
+            if not self.chunked_prefill and remaining > budget or not self.block_manager.allocate_slots(
+                    seq, min(remaining, budget)):
+                # give back prefix-cache blocks taken for it, or waiting sequences could hoard them all
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
             n = min(remaining, budget)
-            if not self.block_manager.allocate_slots(seq, n):
-                break  # any prefix-cache blocks stay attached; retried next step
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             if seq.metrics.first_scheduled_time is None:

@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from herd import __version__
-from herd.server.errors import OpenAIError, install_error_handlers
+from herd.server.cli import DEFAULT_MAX_REQUEST_BODY_BYTES
+from herd.server.errors import OpenAIError, error_body, install_error_handlers
 from herd.server.metrics import ServerMetrics
 from herd.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from herd.server.serving import OpenAIServing, ServerSettings
@@ -43,6 +44,49 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class BodySizeLimitMiddleware:
+    """413 with an OpenAI error body for requests larger than `max_bytes` (Content-Length or the
+    bytes actually received, whichever shows it first). The body is read here, at most max_bytes
+    of it, and handed on to the app unchanged."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _too_large(self, send):
+        body = json.dumps(error_body(f"The request body is larger than the limit of {self.max_bytes} bytes "
+                                     "(--max-request-body-bytes).", 413)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._too_large(send)
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                return await self._too_large(send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
 def settings_from_args(args, engine) -> ServerSettings:
     names = getattr(args, "served_model_name", None) or [getattr(args, "model", None) or engine.config.model.model]
     return ServerSettings(
@@ -68,6 +112,10 @@ def build_app(engine, args) -> FastAPI:
     app = FastAPI(title="herd OpenAI-compatible server", version=__version__)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     install_error_handlers(app)
+    # Added last = outermost: a request without the key is refused before its body is read.
+    max_body = getattr(args, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES)
+    if max_body:
+        app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
 
@@ -75,9 +123,11 @@ def build_app(engine, args) -> FastAPI:
     async def health():
         return Response(status_code=200 if engine.is_running else 503)
 
-    @app.api_route("/ping", methods=["GET", "POST"])
     async def ping():
         return Response(status_code=200 if engine.is_running else 503)
+
+    app.get("/ping")(ping)  # two routes, so each gets its own OpenAPI operation id
+    app.post("/ping")(ping)
 
     @app.get("/version")
     async def version():

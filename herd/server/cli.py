@@ -8,11 +8,16 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
+import threading
 
 from herd.engine.arg_utils import add_engine_args, add_model_arg, engine_kwargs, flag, resolve_model
 
 logger = logging.getLogger("herd.serve")
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arg(parser)
@@ -32,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(g, "uvicorn_log_level", default="info",
           choices=["critical", "error", "warning", "info", "debug", "trace"])
     flag(g, "disable_uvicorn_access_log", action="store_true")
+    flag(g, "max_request_body_bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+          help="refuse larger request bodies with 413 (0: no limit; default 32 MiB)")
+    flag(g, "shutdown_timeout", type=float, default=30.0,
+          help="on SIGTERM stop accepting connections and let in-flight requests finish for up to "
+               "this many seconds, then cancel them (default 30)")
     add_engine_args(parser)
 
 
@@ -47,6 +57,10 @@ def resolve_args(args) -> None:
             args.served_model_name = ["default"]
     if args.api_key is None:
         args.api_key = api_key_from_env()
+    if args.max_request_body_bytes < 0:
+        raise ValueError(f"--max-request-body-bytes must be >= 0, got {args.max_request_body_bytes}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.chat_template and os.path.isfile(args.chat_template):
         with open(args.chat_template, encoding="utf-8") as f:
             args.chat_template = f.read()
@@ -93,7 +107,12 @@ def run(args) -> int:
         app = build_app(engine, args)
         server = uvicorn.Server(uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-            access_log=not args.disable_uvicorn_access_log, timeout_keep_alive=5))
+            access_log=not args.disable_uvicorn_access_log, timeout_keep_alive=5,
+            timeout_graceful_shutdown=args.shutdown_timeout))
+        # uvicorn drains on SIGTERM, then raises the signal again with the handler found here;
+        # a no-op handler lets the engine shut down and the process exit 0 after a clean drain.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: None)
         logger.info("serving %s as %s on http://%s:%d", args.model, ", ".join(app.state.settings.served_model_names),
                     f"[{args.host}]" if ":" in args.host else args.host, args.port)
 

@@ -10,8 +10,9 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from herd.engine.async_engine import EngineDeadError
+from herd.engine.async_engine import EngineDeadError, EngineStepError
 from herd.engine.sampling_params import SamplingParamsError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
     """Map an exception raised while serving a request onto its OpenAI error."""
     if isinstance(exc, OpenAIError):
         return exc
-    if isinstance(exc, EngineDeadError):
+    if isinstance(exc, (EngineDeadError, EngineStepError)):
         return OpenAIError(str(exc), 500)
     if isinstance(exc, (SamplingParamsError, ParamError)):
         return OpenAIError(str(exc), 400, param=exc.parameter)
@@ -91,8 +92,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _expected(_: Request, exc: Exception):
         return error_response(exc)
 
-    for klass in (OpenAIError, ValueError, NotImplementedError, EngineDeadError):
+    for klass in (OpenAIError, ValueError, NotImplementedError, EngineDeadError, EngineStepError):
         app.add_exception_handler(klass, _expected)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        # unknown paths (404), wrong methods (405), unparsable bodies (400): the same error body
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return JSONResponse(error_body(message, exc.status_code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

@@ -13,13 +13,53 @@ from herd.engine.sampling_params import SamplingParams
 from herd.server.errors import ParamError
 
 _INT64 = dict(ge=-(2 ** 63), le=2 ** 63 - 1)
+# Most samples one request may ask for (OpenAI's own limit); each is a sequence in the engine.
+MAX_N = 128
 
 # Sampling fields whose default comes from the checkpoint's generation_config.json when unset.
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
+def _lone_surrogate_at(value) -> str | None:
+    """Where a string (or key) holds a lone UTF-16 surrogate: JSON can escape one ("\\ud800"),
+    but it has no UTF-8 form, so the tokenizer and the response encoder would choke on it."""
+    def bad(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+            return False
+        except UnicodeEncodeError:
+            return True
+
+    stack = [("", value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if bad(v):
+                return where or "body"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                key = str(k).encode("utf-8", "backslashreplace").decode()  # printable in the error
+                path = f"{where}.{key}" if where else key
+                if isinstance(k, str) and bad(k):
+                    return path
+                if isinstance(x, (str, dict, list)):
+                    stack.append((path, x))
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v) if isinstance(x, (str, dict, list)))
+    return None
+
+
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        where = _lone_surrogate_at(data)
+        if where is not None:
+            raise ParamError(f"{where} contains a lone UTF-16 surrogate, which is not valid Unicode text",
+                             where.split(".")[0].split("[")[0] if where != "body" else None)
+        return data
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -61,6 +101,8 @@ class _SamplingRequest(OpenAIBaseModel):
 
     @model_validator(mode="after")
     def _check_stream(self):
+        if self.n > MAX_N:
+            raise ParamError(f"n must be at most {MAX_N}, got {self.n}.", "n")
         if self.stream_options is not None and not self.stream:
             raise ParamError("Stream options can only be defined when `stream=True`.", "stream_options")
         if self.stream and self.prompt_logprobs is not None:
@@ -145,6 +187,10 @@ class ChatCompletionRequest(_SamplingRequest):
         for i, m in enumerate(self.messages):
             if not isinstance(m.get("role"), str):
                 raise ParamError(f"messages[{i}] needs a string 'role'", "messages")
+            # (a mapping is left to the template: Llama 4's renders tool results given as objects)
+            if not isinstance(m.get("content"), (str, list, dict, type(None))):
+                raise ParamError(f"messages[{i}].content must be a string or a list of content parts, "
+                                 f"got {type(m['content']).__name__}", "messages")
         top = self.top_logprobs
         if top is not None:
             if top < 0 and top != -1:
@@ -157,7 +203,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return self
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any]) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
