@@ -105,9 +105,15 @@ class AsyncLLMEngine:
         self._wake.set()
 
     def shutdown(self, timeout: float = 10.0):
+        """Stop the engine thread, then the executor (its workers; INC MEASURE writes its files)."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        if self.errored is None:
+            try:
+                self.engine.shutdown()
+            except Exception:
+                logger.exception("executor shutdown failed")
 
     # -- engine thread ----------------------------------------------------------------------
     def _deliver(self, request_id: str, item):
@@ -133,6 +139,7 @@ class AsyncLLMEngine:
                 self.engine.abort_request(cmd[1])
 
     def _run(self):
+        idle_checks = 0
         try:
             while not self._stop.is_set():
                 self._apply_commands()
@@ -140,6 +147,9 @@ class AsyncLLMEngine:
                     self._stalled_since = None
                     self._wake.wait(0.05)
                     self._wake.clear()
+                    idle_checks += 1
+                    if idle_checks % 10 == 0:  # a tensor-parallel rank that died while idle
+                        self.engine.check_health()
                     continue
                 try:
                     outputs = self.engine.step()
