@@ -27,7 +27,7 @@ def get_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"could not load a tokenizer from {str(path)!r} (expected tokenizer.json "
                          f"and tokenizer_config.json): {e}") from e
     if not tokenizer.chat_template:
