@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from herd import __version__
+from herd.multimodal.media import MediaConnector
 from herd.server.cli import DEFAULT_MAX_REQUEST_BODY_BYTES
 from herd.server.errors import OpenAIError, error_body, install_error_handlers
 from herd.server.metrics import ServerMetrics
@@ -96,7 +97,9 @@ def settings_from_args(args, engine) -> ServerSettings:
         trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
         response_role=getattr(args, "response_role", "assistant"),
         log_requests=getattr(args, "enable_log_requests", False),
-        api_key=getattr(args, "api_key", None))
+        api_key=getattr(args, "api_key", None),
+        media=MediaConnector(allowed_local_media_path=getattr(args, "allowed_local_media_path", None),
+                             allow_remote=getattr(args, "enable_remote_media", False)))
 
 
 def build_app(engine, args) -> FastAPI:

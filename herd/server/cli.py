@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(g, "trust_request_chat_template", action="store_true",
           help="allow requests to bring their own chat_template")
     flag(g, "response_role", default="assistant", help="role of generated chat messages")
+    flag(g, "allowed_local_media_path", help="folder image_url file:// paths may read from (default: none)")
+    flag(g, "enable_remote_media", action="store_true",
+         help="fetch http(s) image URLs (off by default; private and loopback addresses are always refused)")
     flag(g, "max_logprobs", type=int, default=20, help="largest logprobs / top_logprobs a request may ask")
     flag(g, "enable_log_requests", action="store_true", help="log each request's prompt size and params")
     flag(g, "disable_log_requests", action="store_true", help="do not log requests (the default)")

@@ -37,6 +37,7 @@ class ServerSettings:
     response_role: str = "assistant"
     log_requests: bool = False
     api_key: str | None = None
+    media: object | None = None          # herd.multimodal.media.MediaConnector for image_url parts
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Prepared:
     token_ids: list[int]
     params: SamplingParams
     text: str | None = None
+    mm: object | None = None             # preprocessed images (LLMEngine.process_prompt)
 
 
 @dataclass
@@ -185,7 +187,9 @@ class OpenAIServing:
                         prep.params)
         out, last_time, reason = None, None, "error"
         try:
-            stream = self.engine.generate(prep.token_ids, prep.params, request_id, prompt_text=prep.text)
+            prompt = prep.token_ids if prep.mm is None else {
+                "prompt": prep.text, "prompt_token_ids": prep.token_ids, "multi_modal_inputs": prep.mm}
+            stream = self.engine.generate(prompt, prep.params, request_id, prompt_text=prep.text)
             async with aclosing(stream):
                 async for out in stream:
                     t = out.metrics.last_token_time if out.metrics else None

@@ -1,12 +1,15 @@
 """POST /v1/chat/completions: the checkpoint's chat template, then one engine request with n samples."""
 from __future__ import annotations
 
+import asyncio
 from contextlib import aclosing
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from herd.engine.sampling_params import SamplingParams
 from herd.engine.tokenizer import apply_chat_template
+from herd.multimodal import extract_chat_images
 from herd.server.errors import OpenAIError, error_body, to_openai_error
 from herd.server.protocol import ChatCompletionRequest
 from herd.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, SSEResponse, UsageTracker,
@@ -49,6 +52,21 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError(f"response_format type {fmt!r} needs structured output, which this "
                               "server does not support", param="response_format")
 
+    async def _prepare_with_images(self, request: ChatCompletionRequest):
+        """Image parts are fetched and preprocessed off the event loop; the prompt's <|image|>
+        placeholders expand to the image's token layout before the length checks."""
+        messages, images = await asyncio.to_thread(extract_chat_images, request.messages,
+                                                   self.settings.media.load_image)
+        if not images:
+            return self.prepare(render_chat(self.tokenizer, self.settings, request), request)
+        ids = render_chat(self.tokenizer, self.settings, request.model_copy(update={"messages": messages}))
+        text, ids, mm = await asyncio.to_thread(
+            self.llm.process_prompt, {"prompt_token_ids": ids, "multi_modal_data": {"image": images}},
+            SamplingParams())
+        prep = self.prepare(ids, request, text)
+        prep.mm = mm
+        return prep
+
     def _role(self, request: ChatCompletionRequest) -> str:
         if request.add_generation_prompt:
             return self.settings.response_role
@@ -68,7 +86,7 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         model = self.model_name(request.model)
         self._check_features(request)
-        prep = self.prepare(render_chat(self.tokenizer, self.settings, request), request)
+        prep = await self._prepare_with_images(request)
         request_id = self.new_request_id("chatcmpl", request)
         role = self._role(request)
         if request.stream:
