@@ -61,3 +61,19 @@ def test_bad_or_forbidden_images_are_400(mm_server, url):
     err = r.json()["error"]
     assert err["code"] == 400 and err["message"]
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_markdown_images_in_completion_prompts(mm_server):
+    path, _, server = mm_server
+    prompt = f"The fox ![]({data_url(IMG_A)}) jumps over"
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    llm = LLM(path, dtype="float32", max_model_len=200, block_size=4, num_kv_blocks=256)
+    want = llm.generate({"prompt": "The fox <|image|> jumps over", "multi_modal_data": {"image": IMG_A}},
+                        SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+    assert r.json()["usage"]["prompt_tokens"] == len(want.prompt_token_ids)
+    assert r.json()["choices"][0]["text"] == want.outputs[0].text
+    bad = httpx.post(server.url + "/v1/completions",
+                     json={"prompt": "x ![](file:///etc/passwd)", "max_tokens": 2}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == 400

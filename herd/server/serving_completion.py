@@ -1,11 +1,14 @@
 """POST /v1/completions: one or several prompts (text or token ids), n samples each."""
 from __future__ import annotations
 
+import asyncio
+import re
 from contextlib import aclosing
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from herd.engine.sampling_params import SamplingParams
 from herd.server.errors import OpenAIError, error_body, to_openai_error
 from herd.server.protocol import CompletionRequest
 from herd.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, Prepared, SSEResponse,
@@ -13,10 +16,28 @@ from herd.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, Prepared
                                  sse)
 
 
+# Markdown images in a completions prompt, as Llama 4 deployments send them: ![](url)
+_MD_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
 class OpenAIServingCompletion(OpenAIServing):
-    def _prepare_all(self, request: CompletionRequest) -> list[Prepared]:
+    def _prepare_image_prompt(self, prompt: str, request: CompletionRequest) -> Prepared:
+        """Each ![](url) becomes <|image|> plus its image; runs off the event loop (fetch, decode, tile)."""
+        images = [self.settings.media.load_image(url) for url in _MD_IMAGE.findall(prompt)]
+        ids = self.tokenizer.encode(_MD_IMAGE.sub("<|image|>", prompt), add_special_tokens=request.add_special_tokens)
+        _, ids, mm = self.llm.process_prompt({"prompt_token_ids": ids, "multi_modal_data": {"image": images}},
+                                             SamplingParams())
+        prep = self.prepare(ids, request, prompt)
+        prep.mm = mm
+        return prep
+
+    async def _prepare_all(self, request: CompletionRequest) -> list[Prepared]:
         preps = []
+        images_ok = getattr(self.llm, "mm_processor", None) is not None
         for prompt in request.prompts():
+            if isinstance(prompt, str) and images_ok and _MD_IMAGE.search(prompt):
+                preps.append(await asyncio.to_thread(self._prepare_image_prompt, prompt, request))
+                continue
             if isinstance(prompt, str):
                 ids = self.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
                 text = prompt
@@ -32,7 +53,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         model = self.model_name(request.model)
-        preps = self._prepare_all(request)
+        preps = await self._prepare_all(request)
         request_id = self.new_request_id("cmpl", request)
         if request.stream:
             return SSEResponse(self._stream(request, preps, request_id, model))
