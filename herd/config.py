@@ -52,6 +52,7 @@ class ModelConfig:
     served_model_name: list[str] | None = None
     tokenizer: str | None = None
     max_logprobs: int = 20                    # largest logprobs / prompt_logprobs a request may ask
+    attention_backend: str | None = None      # auto | reference | sdpa | triton
     hf_config: Llama4TextConfig | None = None
     torch_dtype: torch.dtype = torch.bfloat16
 

@@ -8,6 +8,8 @@ import torch
 from tests.tiny_models import make_tiny_checkpoint
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():  # Triton kernels run on the CPU interpreter (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from herd.model.loader import load_model
-from herd.ops.attention import AttentionMetadata, KVGroupMetadata
+from herd.attention.metadata import CommonAttentionMetadata, group_chunks, make_metadata
+from herd.attention.selector import get_attn_backend
 from tests.tiny_models import load_hf
 
 VARIANTS = ["scout_dir", "maverick_dir", "scout_mm_dir"]
@@ -14,7 +15,7 @@ def hf_logits(hf, ids):
         return hf(input_ids=ids[None]).logits[0].float()
 
 
-def run_paged(model, ids, steps, block_size=4, free_local=True):
+def run_paged(model, ids, steps, block_size=4, free_local=True, backend="reference"):
     """Feed `ids` in pieces of the given sizes through the paged path, one sequence.
     Local-group blocks entirely left of the current chunk are freed (-1) as the engine does."""
     cfg = model.config
@@ -34,10 +35,10 @@ def run_paged(model, ids, steps, block_size=4, free_local=True):
             local_table[0, :first_needed] = -1
         slots_f = full_table[0, pos // block_size] * block_size + pos % block_size
         slots_l = local_table[0, pos // block_size] * block_size + pos % block_size
-        meta = AttentionMetadata(query_start_loc=[0, size], seq_lens=[done + size],
-                                 groups={"full": KVGroupMetadata(full_table, slots_f),
-                                         "local": KVGroupMetadata(local_table, slots_l)},
-                                 kv_caches=caches, block_size=block_size)
+        common = CommonAttentionMetadata.from_host([0, size], [done + size],
+                                                   {"full": full_table, "local": local_table},
+                                                   {"full": slots_f, "local": slots_l}, block_size)
+        meta = make_metadata(get_attn_backend(backend, "cpu"), common, group_chunks(model), caches)
         with torch.no_grad():
             h = model(ids[done:done + size], pos, meta)
             outs.append(model.compute_logits(h))
@@ -58,8 +59,9 @@ def test_prefill_logits_match_transformers(fixture, request):
         assert (ours - ref).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
 @pytest.mark.parametrize("fixture", VARIANTS)
-def test_paged_decode_matches_transformers(fixture, request):
+def test_paged_decode_matches_transformers(fixture, backend, request):
     path = request.getfixturevalue(fixture)
     hf = load_hf(path)
     model = load_model(path, dtype=torch.float32)
@@ -68,7 +70,7 @@ def test_paged_decode_matches_transformers(fixture, request):
     ref = hf_logits(hf, ids)
     # prefill 5, a chunked-prefill piece of 6 that crosses a chunk boundary, then one token at a time
     steps = [5, 6] + [1] * (n - 11)
-    ours = run_paged(model, ids, steps)
+    ours = run_paged(model, ids, steps, backend=backend)
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
@@ -101,6 +103,7 @@ def test_freed_block_is_detected(scout_dir):
         table = torch.tensor([[-1, 1, 2]])
         pos = torch.arange(12)
         slots = torch.arange(12)
-        meta = AttentionMetadata([0, 12], [12], {"full": KVGroupMetadata(table.abs(), slots),
-                                                 "local": KVGroupMetadata(table, slots)}, caches, 4)
+        common = CommonAttentionMetadata.from_host([0, 12], [12], {"full": table.abs(), "local": table},
+                                                   {"full": slots, "local": slots}, 4)
+        meta = make_metadata(get_attn_backend("reference", "cpu"), common, group_chunks(model), caches)
         model(ids, pos, meta)

@@ -229,7 +229,13 @@ class AsyncLLMEngine:
             logger.warning("no free KV block for the probe step; relying on the health check")
             return
         try:
-            out = eng.executor.execute(ScheduledBatch([seq], [1]))
+            tracker = eng.scheduler.tracker
+            sched = tracker.build([seq], [1])
+            try:
+                out = eng.executor.execute(ScheduledBatch([seq], [1], sched))
+                tracker.commit(sched)
+            finally:
+                tracker.remove(seq.seq_id)  # the runners drop it with the next step
             if out.sampled[0] is None or not 0 <= out.sampled[0] < eng.vocab_size:
                 raise RuntimeError(f"the probe step sampled {out.sampled[0]!r}")
         finally:

@@ -226,6 +226,7 @@ class LLMEngine:
         if not batch.seqs:
             return []
         out = self.executor.execute(batch)
+        self.scheduler.tracker.commit(batch.output)
         now = time.time()
         touched: dict[str, RequestState] = {}
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):

@@ -11,10 +11,13 @@ from herd.config import EngineConfig
 from herd.engine.block_manager import FULL, LOCAL
 from herd.engine.outputs import Logprob
 from herd.engine.sampler import Sampler, SamplingRow, gather_logprobs
+from herd.engine.input_batch import InputBatch, StepInputs
 from herd.engine.scheduler import ScheduledBatch
+from herd.engine.scheduler_output import SchedulerOutput
 from herd.model.loader import load_model
-from herd.multimodal.inputs import EncoderCache, MultiModalSlice, multimodal_embeddings
-from herd.ops.attention import AttentionMetadata, KVGroupMetadata
+from herd.attention.metadata import AttentionMetadata, CommonAttentionMetadata, KVGroupMetadata
+from herd.attention.selector import get_attn_backend
+from herd.multimodal.inputs import EncoderCache, multimodal_embeddings
 from herd.parallel.context import SINGLE, TPContext
 
 logger = logging.getLogger(__name__)
@@ -29,29 +32,6 @@ class StepOutput:
     sampled: list[int | None]
     logprobs: list[dict[int, Logprob] | None]
     prompt_logprobs: list[list[dict[int, Logprob]] | None]
-
-
-@dataclass
-class SeqInput:
-    """One sequence's share of a step, as every tensor-parallel rank needs it (compact, picklable)."""
-    token_ids: list[int]                  # the tokens computed this step
-    start: int                            # position of token_ids[0]
-    block_tables: dict[str, list[int]]    # KV group -> block ids
-    num_tokens: int                       # tokens known so far (prompt + output)
-    num_prompt_tokens: int
-    prompt_logprobs: bool                 # prompt positions need logits
-    mm: list[MultiModalSlice] | None = None  # image feature rows this step writes (prefill chunks)
-
-
-def model_input(batch: ScheduledBatch) -> list[SeqInput]:
-    out = []
-    for seq, n in zip(batch.seqs, batch.num_tokens):
-        start = seq.num_computed_tokens
-        out.append(SeqInput(seq.all_token_ids[start:start + n], start,
-                            {g: list(t) for g, t in seq.block_tables.items()}, seq.num_tokens,
-                            seq.num_prompt_tokens, seq.params.prompt_logprobs is not None,
-                            seq.multi_modal.slices(start, n) if seq.multi_modal is not None else None))
-    return out
 
 
 class ModelRunner:
@@ -77,6 +57,14 @@ class ModelRunner:
         self.kv_caches: list | None = None
         self.kv_scales: list | None = None
         self.kv_dtype = KV_DTYPES.get(config.cache.kv_cache_dtype, self.dtype)
+        self.attn_backend = get_attn_backend(mc.attention_backend, self.device.type)
+        self.group_chunks = {}
+        for layer in self.model.model.layers:
+            self.group_chunks[layer.self_attn.attn.group] = layer.self_attn.attn.chunk
+        # one row more than max_num_seqs: the engine's probe step runs beside a full batch
+        self.input_batch = InputBatch(config.scheduler.max_num_seqs + 1, mc.max_model_len, self.block_size,
+                                      self.kv_groups())
+        self.scratch_block: dict[str, int] = {}
 
     def weight_memory(self) -> dict[str, int]:
         """Bytes of this rank's parameters and buffers by dtype (FP8 weights stay FP8 on the device)."""
@@ -130,8 +118,10 @@ class ModelRunner:
         attn0 = self.model.model.layers[0].self_attn.attn
         shape = (self.block_size, attn0.num_kv_heads, attn0.head_dim)
         self.kv_caches = []
+        # One block past the pool per group: padding rows of captured decode steps write there.
+        self.scratch_block = {g: n for g, n in num_blocks.items()}
         for g in self.layer_groups:
-            n = num_blocks[g]
+            n = num_blocks[g] + 1
             self.kv_caches.append((torch.zeros((n, *shape), dtype=self.kv_dtype, device=self.device),
                                    torch.zeros((n, *shape), dtype=self.kv_dtype, device=self.device)))
         if self.kv_scales is None:
@@ -146,81 +136,69 @@ class ModelRunner:
         return self.quant.finish() if self.quant is not None else []
 
     # -- one step ---------------------------------------------------------------------------
-    def prepare(self, inp: list[SeqInput]):
-        bs = self.block_size
-        ids, pos, qsl, seq_lens = [], [], [0], []
-        slots = {g: [] for g in self.kv_groups()}
-        for s in inp:
-            n = len(s.token_ids)
-            ids.extend(s.token_ids)
-            positions = range(s.start, s.start + n)
-            pos.extend(positions)
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(s.start + n)
-            for g in slots:
-                table = s.block_tables[g]
-                slots[g].extend(table[p // bs] * bs + p % bs for p in positions)
-        groups = {}
-        for g in slots:
-            width = max(len(s.block_tables[g]) for s in inp)
-            tables = [s.block_tables[g] + [-1] * (width - len(s.block_tables[g])) for s in inp]
-            groups[g] = KVGroupMetadata(torch.tensor(tables, dtype=torch.long, device=self.device),
-                                        torch.tensor(slots[g], dtype=torch.long, device=self.device))
-        meta = AttentionMetadata(query_start_loc=qsl, seq_lens=seq_lens, groups=groups,
-                                 kv_caches=self.kv_caches, block_size=bs, kv_scales=self.kv_scales)
-        return (torch.tensor(ids, dtype=torch.long, device=self.device),
-                torch.tensor(pos, dtype=torch.long, device=self.device), meta)
+    def build_metadata(self, si: StepInputs) -> AttentionMetadata:
+        """Host arrays -> device tensors, once per step; the backend plans its work per KV group."""
+        dev = self.device
+        groups = {g: KVGroupMetadata(torch.from_numpy(si.block_tables[g]).to(dev),
+                                     torch.from_numpy(si.slot_mapping[g]).to(dev)) for g in self.kv_groups()}
+        qlens = si.num_scheduled
+        common = CommonAttentionMetadata(
+            torch.from_numpy(si.query_start_loc).to(dev), torch.from_numpy(si.seq_lens).to(dev), groups,
+            si.query_start_loc, si.seq_lens, si.num_decodes, int(qlens.max(initial=0)),
+            int(si.seq_lens.max(initial=0)), self.block_size)
+        return AttentionMetadata(self.attn_backend, common, self.attn_backend.build(common, self.group_chunks),
+                                 self.kv_caches, self.kv_scales)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, eos_ids: set[int] | None = None) -> StepOutput:
-        return self.execute_model(model_input(batch), batch, eos_ids)
+        return self.execute_model(batch.output, batch, eos_ids)
 
     @torch.inference_mode()
-    def execute_model(self, inp: list[SeqInput], batch: ScheduledBatch | None = None,
+    def execute_model(self, sched: SchedulerOutput, batch: ScheduledBatch | None = None,
                       eos_ids: set[int] | None = None) -> StepOutput | None:
-        """Forward and logits for `inp`. The driver passes the live `batch` (sampling state) and
-        samples; other tensor-parallel ranks pass None and run the same collectives (the lm_head
-        gathers included), returning None."""
-        input_ids, positions, meta = self.prepare(inp)
-        embeds = multimodal_embeddings(self.model, input_ids, [s.mm for s in inp], meta.query_start_loc,
+        """Apply the step's diffs, then forward and logits. The driver passes the live `batch`
+        (sampling state) and samples; other tensor-parallel ranks pass None and run the same
+        collectives (the lm_head gathers included), returning None."""
+        ib = self.input_batch
+        ib.update(sched)
+        si = ib.prepare(sched)
+        meta = self.build_metadata(si)
+        input_ids = torch.from_numpy(si.input_ids).to(self.device)
+        positions = torch.from_numpy(si.positions).to(self.device)
+        order = sched.order[si.perm]
+        mm = [sched.mm.get(int(sid)) for sid in order] if sched.mm else [None] * len(order)
+        embeds = multimodal_embeddings(self.model, input_ids, mm, si.query_start_loc[:-1].tolist(),
                                        self.encoder_cache)
         hidden = self.model(input_ids, positions, meta, inputs_embeds=embeds)
-        # Which rows need logits: the last token of each sequence that completes its known tokens
+        # Rows that need logits: the last token of each sequence that completes its known tokens
         # (it samples), plus prompt positions whose logprobs were asked for.
-        sample_rows, sample_seqs, prompt_rows = [], [], []
-        for i, s in enumerate(inp):
-            q, n, start = meta.query_start_loc[i], len(s.token_ids), s.start
-            if s.prompt_logprobs and start < s.num_prompt_tokens - 1:
-                end = min(start + n, s.num_prompt_tokens - 1)
-                prompt_rows.append((i, list(range(q, q + end - start)), start))
-            if start + n == s.num_tokens:
-                sample_rows.append(q + n - 1)
-                sample_seqs.append(i)
+        sample_rows = si.query_start_loc[1:][si.sample_idx] - 1
         if batch is None:
-            if sample_rows:
-                self.model.compute_logits(hidden[sample_rows])
-            for _, rows_idx, _ in prompt_rows:
-                self.model.compute_logits(hidden[rows_idx])
+            if len(sample_rows):
+                self.model.compute_logits(hidden[torch.from_numpy(sample_rows).to(self.device)])
+            for _, q, count, _ in si.prompt_logprob_rows:
+                self.model.compute_logits(hidden[q:q + count])
             return None
-        sampled: list[int | None] = [None] * len(inp)
-        logprobs: list = [None] * len(inp)
-        prompt_lps: list = [None] * len(inp)
-        if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows]).float()
-            rows = [SamplingRow(params=batch.seqs[i].params,
-                                prompt_token_ids=batch.seqs[i].prompt_token_ids,
-                                output_token_ids=batch.seqs[i].output_token_ids,
-                                generator=batch.seqs[i].generator,
-                                eos_token_ids=eos_ids or set()) for i in sample_seqs]
+        B = len(order)
+        sampled: list[int | None] = [None] * B
+        logprobs: list = [None] * B
+        prompt_lps: list = [None] * B
+        perm = si.perm.tolist()
+        if len(sample_rows):
+            logits = self.model.compute_logits(hidden[torch.from_numpy(sample_rows).to(self.device)]).float()
+            seqs = [batch.seqs[perm[i]] for i in si.sample_idx.tolist()]
+            rows = [SamplingRow(params=s.params, prompt_token_ids=s.prompt_token_ids,
+                                output_token_ids=s.output_token_ids, generator=s.generator,
+                                eos_token_ids=eos_ids or set()) for s in seqs]
             out = self.sampler(logits, rows)
-            for j, i in enumerate(sample_seqs):
-                sampled[i] = out.sampled_token_ids[j]
+            for j, i in enumerate(si.sample_idx.tolist()):
+                sampled[perm[i]] = out.sampled_token_ids[j]
                 if out.logprobs is not None:
-                    logprobs[i] = out.logprobs[j]
-        for i, rows_idx, start in prompt_rows:
-            seq = batch.seqs[i]
-            lp = torch.log_softmax(self.model.compute_logits(hidden[rows_idx]).float(), dim=-1)
-            targets = torch.tensor(seq.prompt_token_ids[start + 1:start + 1 + len(rows_idx)], device=lp.device)
+                    logprobs[perm[i]] = out.logprobs[j]
+        for i, q, count, start in si.prompt_logprob_rows:
+            seq = batch.seqs[perm[i]]
+            lp = torch.log_softmax(self.model.compute_logits(hidden[q:q + count]).float(), dim=-1)
+            targets = torch.tensor(seq.prompt_token_ids[start + 1:start + 1 + count], device=lp.device)
             n = seq.params.num_prompt_logprobs(lp.shape[-1])
-            prompt_lps[i] = gather_logprobs(lp, targets, [n] * len(rows_idx))
+            prompt_lps[perm[i]] = gather_logprobs(lp, targets, [n] * count)
         return StepOutput(sampled, logprobs, prompt_lps)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from herd.config import SchedulerConfig
 from herd.engine.block_manager import BlockManager
+from herd.engine.scheduler_output import OutputTracker, SchedulerOutput
 from herd.engine.sequence import Sequence, SequenceStatus
 
 
@@ -20,6 +21,7 @@ from herd.engine.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     num_tokens: list[int]   # tokens to compute for each sequence this step
+    output: SchedulerOutput | None = None   # the same step as diffs for the runners
 
     @property
     def total_tokens(self) -> int:
@@ -35,6 +37,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.tracker = OutputTracker()
 
     def add(self, seq: Sequence):
         self.waiting.append(seq)
@@ -43,6 +46,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _preempt(self, seq: Sequence):
+        self.tracker.remove(seq.seq_id)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
@@ -94,9 +98,10 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
-        return ScheduledBatch(seqs, counts)
+        return ScheduledBatch(seqs, counts, self.tracker.build(seqs, counts) if seqs else None)
 
     def finish(self, seq: Sequence, status: SequenceStatus):
+        self.tracker.remove(seq.seq_id)
         seq.status = status
         self.block_manager.free(seq)
         if seq in self.running:

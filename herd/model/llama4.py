@@ -13,7 +13,8 @@ from herd.model.config import Llama4TextConfig
 from herd.model.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                                ReplicatedLinear, RMSNorm, RotaryEmbedding, RowParallelLinear,
                                VocabParallelEmbedding)
-from herd.ops.attention import AttentionMetadata, contiguous_attention_ref, paged_attention_ref
+from herd.attention.metadata import AttentionMetadata
+from herd.ops.attention import contiguous_attention_ref
 from herd.ops.moe import fused_moe_ref, silu_and_mul
 from herd.parallel.context import SINGLE, TPContext
 
@@ -36,7 +37,8 @@ class QuantMethods:
 
 
 class Attention(nn.Module):
-    """The attention op itself (named like vLLM's `self_attn.attn`): KV store + paged attention."""
+    """The attention op itself (named like vLLM's `self_attn.attn`): KV store + paged attention, run by
+    the backend the runner chose (`meta.impl`)."""
 
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  chunk: int | None):
@@ -49,8 +51,7 @@ class Attention(nn.Module):
     def forward(self, q, k, v, positions, meta: AttentionMetadata | None):
         if meta is None or meta.kv_caches is None:
             return contiguous_attention_ref(q, k, v, positions, self.chunk, self.scale)
-        return paged_attention_ref(q, k, v, positions, meta, self.layer_idx, self.group,
-                                   self.chunk, self.scale)
+        return meta.impl.forward(self, q, k, v, positions, meta)
 
 
 class Llama4Attention(nn.Module):
@@ -112,8 +113,12 @@ class UnquantizedFusedMoEMethod:
         pass
 
     def apply(self, layer: "FusedMoE", x, topk_ids, topk_weights):
-        return fused_moe_ref(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
-                             apply_router_weight_on_input=True, expert_map=layer.expert_map)
+        # grouped fast path (falls back to fused_moe_ref itself when _grouped_mm cannot run);
+        # an instance attribute `use_reference = True` forces the per-expert reference loop
+        from herd.ops.moe import fused_moe
+        return fused_moe(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
+                         apply_router_weight_on_input=True, expert_map=layer.expert_map,
+                         use_reference=getattr(self, "use_reference", False))
 
 
 class FusedMoE(nn.Module):

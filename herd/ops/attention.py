@@ -1,4 +1,5 @@
-"""Paged attention: a readable torch reference over block tables, with chunk-local masks and fp8 KV.
+"""Paged attention: the readable torch reference (the `reference` attention backend runs it; the
+faster backends in herd.attention are tested against it) over block tables, with chunk-local masks and fp8 KV.
 
 KV cache per layer: k_cache, v_cache of shape [num_blocks, block_size, num_kv_heads, head_dim].
 Two KV groups exist: "full" (NoPE / global layers keep every block) and "local" (chunked-attention
@@ -6,34 +7,10 @@ RoPE layers; blocks left of the current attention chunk are freed and marked -1 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
 FP8_KV_DTYPES = (torch.float8_e4m3fn,)
-
-
-@dataclass
-class KVGroupMetadata:
-    block_tables: torch.Tensor   # [B, max_blocks] int64, -1 where unallocated or freed
-    slot_mapping: torch.Tensor   # [T] int64 flat slot (block * block_size + offset); -1 = don't store
-
-
-@dataclass
-class AttentionMetadata:
-    """Describes one flattened batch: sequence b owns tokens query_start_loc[b]:query_start_loc[b+1]."""
-    query_start_loc: list[int]
-    seq_lens: list[int]                  # context length after this step (cached + new tokens)
-    groups: dict[str, KVGroupMetadata]
-    kv_caches: list | None = None        # per layer: (k_cache, v_cache) or None
-    block_size: int = 16
-    kv_scales: list | None = None        # per layer (k_scale, v_scale) floats for fp8 caches
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -77,31 +54,31 @@ def gather_kv(cache, block_ids, n_tokens, dtype, scale=1.0):
     return kv
 
 
-def paged_attention_ref(q, k, v, positions, meta: AttentionMetadata, layer_idx: int, group: str,
-                        chunk: int | None, scale: float) -> torch.Tensor:
+def paged_attention_ref(q, k, v, positions, query_start_loc: list[int], seq_lens: list[int],
+                        block_tables: torch.Tensor, slot_mapping: torch.Tensor, k_cache, v_cache,
+                        block_size: int, chunk: int | None, scale: float, k_scale=1.0, v_scale=1.0,
+                        layer_idx: int = 0) -> torch.Tensor:
     """Store this step's K/V, then attend each sequence's queries over its cached context.
-    Single-query sequences (decodes) are attended together in one batched call."""
-    k_cache, v_cache = meta.kv_caches[layer_idx]
-    k_scale, v_scale = meta.kv_scales[layer_idx] if meta.kv_scales else (1.0, 1.0)
-    gm = meta.groups[group]
-    store_kv(k, v, k_cache, v_cache, gm.slot_mapping, k_scale, v_scale)
-    bs = meta.block_size
+    Sequence b owns rows query_start_loc[b]:query_start_loc[b+1] (host lists); single-query
+    sequences (decodes) are attended together in one batched call."""
+    store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    bs = block_size
     out = torch.empty_like(q)
     decodes = []
-    for b in range(meta.num_seqs):
-        s, e = meta.query_start_loc[b], meta.query_start_loc[b + 1]
+    for b in range(len(seq_lens)):
+        s, e = query_start_loc[b], query_start_loc[b + 1]
         if e - s == 1:
             decodes.append(b)
             continue
         if e == s:
             continue
-        seq_len = meta.seq_lens[b]
+        seq_len = seq_lens[b]
         q_pos = positions[s:e]
         # Keys before the first query's chunk are never visible (and their blocks may be freed).
         first = int(q_pos[0]) if chunk is None else (int(q_pos[0]) // chunk) * chunk
         start_block = 0 if chunk is None else first // bs
         n_blocks = (seq_len + bs - 1) // bs
-        block_ids = gm.block_tables[b, start_block:n_blocks]
+        block_ids = block_tables[b, start_block:n_blocks]
         if bool((block_ids < 0).any()):
             raise RuntimeError(f"sequence {b}: KV block needed by layer {layer_idx} was freed")
         n_tok = seq_len - start_block * bs
@@ -110,8 +87,8 @@ def paged_attention_ref(q, k, v, positions, meta: AttentionMetadata, layer_idx: 
         k_pos = torch.arange(start_block * bs, seq_len, device=q.device)
         out[s:e] = sdpa(q[s:e], kb, vb, attention_mask(q_pos, k_pos, chunk), scale)
     if decodes:
-        rows = [meta.query_start_loc[b] for b in decodes]
-        out[rows] = decode_attention_ref(q[rows], positions[rows], gm.block_tables[decodes], k_cache, v_cache,
+        rows = [query_start_loc[b] for b in decodes]
+        out[rows] = decode_attention_ref(q[rows], positions[rows], block_tables[decodes], k_cache, v_cache,
                                          bs, chunk, scale, k_scale, v_scale, layer_idx)
     return out
 

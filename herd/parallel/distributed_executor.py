@@ -1,8 +1,8 @@
 """Shared driver logic of the multi-rank executors (mp and ray).
 
 Rank 0 (the driver) lives in the engine process and owns sampling; ranks 1..N-1 live elsewhere.
-Each step the driver sends every worker the compact, picklable model input (runner.SeqInput per
-sequence), then all ranks run the forward together (the collectives are in the model) and only
+Each step the driver sends every worker the step's SchedulerOutput (small diffs against the
+persistent batch each runner keeps), then all ranks run the forward together (the collectives are in the model) and only
 the driver's sampled tokens are used. Any failure is fatal: the ranks' collectives are out of step
 afterwards, so the executor shuts everything down and raises an ExecutorError naming the rank.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from herd.config import EngineConfig
-from herd.engine.runner import StepOutput, model_input
+from herd.engine.runner import StepOutput
 from herd.parallel.distributed import DistInit, backend_for, serve_store
 from herd.parallel.worker import Worker
 
@@ -69,8 +69,7 @@ class DistributedExecutor:
 
     def execute(self, batch) -> StepOutput:
         self.check_health()
-        inp = model_input(batch)
-        return self._guard(self._step, inp, batch)
+        return self._guard(self._step, batch.output, batch)
 
     def check_health(self):
         """Raise ExecutorError when a rank is gone (cheap: no round trip to the workers)."""

@@ -15,7 +15,7 @@ import torch
 from herd.model.layers import LinearBase
 from herd.model.llama4 import Attention, FusedMoE, QuantMethods
 from herd.ops.fp8 import FP8_DTYPE, FP8_MAX
-from herd.ops.moe import fused_moe_ref
+from herd.ops.moe import fused_moe, fused_moe_ref, grouped_gemm, grouped_moe_supported
 from herd.quant.inc_config import IncQuantConfig
 from herd.quant.inc_measure import MeasurementCollector
 from herd.quant.inc_nodes import MULTIMODAL_PREFIX, inc_nodes_for_module, node_weight
@@ -78,21 +78,36 @@ class _ObservedLinear:
 
 class _ObservedMoE:
     """Unquantized experts plus INC's dynamic_moe statistics: the op input, its output and each
-    local expert's intermediate (w2 input) amax, 0 for experts that got no tokens."""
+    local expert's intermediate (w2 input) amax, 0 for experts that got no tokens.
 
-    def __init__(self, collector, node, tp):
+    The grouped fast path reduces the per-row amax of the w2 input into per-expert maxima on the
+    device (scatter_reduce over the sorted rows); `use_reference=True` runs the per-expert loop."""
+
+    def __init__(self, collector, node, tp, use_reference: bool = False):
         self.collector, self.node, self.tp = collector, node, tp
+        self.use_reference = use_reference
 
     def apply(self, layer, x, topk_ids, topk_weights):
-        amax = torch.zeros(layer.num_local_experts, dtype=torch.float32, device=x.device)
+        E = layer.num_local_experts
+        amax = torch.zeros(E, dtype=torch.float32, device=x.device)
+        if not self.use_reference and grouped_moe_supported(x, layer.w13_weight, layer.w2_weight):
+            def gemm(a, which, r):
+                if which == "w2":  # rows of other-rank pairs are uninitialized: they count as 0
+                    row = torch.where(r.valid, a.detach().abs().amax(dim=-1).float(), 0.0)
+                    per_expert = torch.zeros(E + 1, dtype=torch.float32, device=a.device)
+                    amax.copy_(per_expert.scatter_reduce_(0, r.expert, row, "amax")[:E])
+                return grouped_gemm(a, getattr(layer, f"{which}_weight"), r.offs)
 
-        def linear(h, e, which):
-            if which == "w2":
-                amax[e] = torch.maximum(amax[e], h.detach().abs().amax().float())
-            return torch.nn.functional.linear(h, getattr(layer, f"{which}_weight")[e])
+            out = fused_moe(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
+                            expert_map=layer.expert_map, gemm=gemm)
+        else:
+            def linear(h, e, which):
+                if which == "w2":
+                    amax[e] = torch.maximum(amax[e], h.detach().abs().amax().float())
+                return torch.nn.functional.linear(h, getattr(layer, f"{which}_weight")[e])
 
-        out = fused_moe_ref(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
-                            expert_map=layer.expert_map, linear=linear)
+            out = fused_moe_ref(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
+                                expert_map=layer.expert_map, linear=linear)
         self.collector.observe(self.node, "inputs", 0, x)
         if self.collector.wants(self.node, "outputs"):
             self.collector.observe(self.node, "outputs", 0, out)

@@ -15,8 +15,8 @@ from torch import nn
 
 from herd.model.layers import UnquantizedLinearMethod
 from herd.model.llama4 import QuantMethods
-from herd.ops.fp8 import FP8_DTYPE, fp8_linear, quantize_weight
-from herd.ops.moe import fused_moe_ref
+from herd.ops.fp8 import FP8_DTYPE, FP8_MAX, fp8_linear, quantize_per_token, quantize_weight
+from herd.ops.moe import MoeRouting, fused_moe, fused_moe_ref, grouped_gemm, grouped_mm_supported
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -60,10 +60,22 @@ class Fp8LinearMethod:
 
 
 class Fp8MoEMethod:
-    """Per-expert FP8 weights with per-output-channel scales; tokens sorted by expert."""
+    """Per-expert FP8 weights with per-output-channel scales; tokens sorted by expert.
 
-    def __init__(self, from_checkpoint: bool = False, static_input: bool = False):
+    apply() runs the grouped fast path (herd.ops.moe.fused_moe): the activations of a projection are
+    quantized once for all experts (per-token dynamic scales on the permuted rows, or each row's
+    expert's static input scale), then
+      * CUDA sm90/sm100 with bf16 activations: torch._scaled_grouped_mm, the GEMM in FP8;
+      * CPU: weights and activations dequantized to fp32 (exactly as the reference fp8_linear_ref
+        does) and torch._grouped_mm in fp32. This is for accuracy, not speed: it builds an fp32
+        copy of every expert's weights on each call;
+      * otherwise (other GPUs, unaligned dims, torch.compile on the CPU, whose _grouped_mm meta is
+        bf16-only) the per-expert reference loop.
+    `use_reference=True` always runs the reference loop (fused_moe_ref with per-expert fp8_linear)."""
+
+    def __init__(self, from_checkpoint: bool = False, static_input: bool = False, use_reference: bool = False):
         self.from_checkpoint, self.static_input = from_checkpoint, static_input
+        self.use_reference = use_reference
 
     def create_weights(self, layer, dtype):
         E, D, I = layer.num_local_experts, layer.hidden_size, layer.inter_local
@@ -88,6 +100,14 @@ class Fp8MoEMethod:
             setattr(layer, f"{name}_weight_scale", _param(torch.stack([s for _, s in qs])))
 
     def apply(self, layer, x, topk_ids, topk_weights):
+        kind = None if self.use_reference else _fp8_grouped_kind(x, layer.hidden_size, layer.inter_local)
+        if kind is None:
+            return self.apply_reference(layer, x, topk_ids, topk_weights)
+        return fused_moe(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
+                         apply_router_weight_on_input=True, expert_map=layer.expert_map,
+                         gemm=self._grouped_gemm(layer, kind))
+
+    def apply_reference(self, layer, x, topk_ids, topk_weights):
         def linear(h, e, which):
             scale = getattr(layer, f"{which}_input_scale") if self.static_input else None
             if scale is not None:
@@ -97,9 +117,43 @@ class Fp8MoEMethod:
         return fused_moe_ref(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
                              apply_router_weight_on_input=True, expert_map=layer.expert_map, linear=linear)
 
+    def _grouped_gemm(self, layer, kind: str):
+        E = layer.num_local_experts
+        first = layer.tp.rank * E if layer.ep else 0
+
+        def gemm(a: torch.Tensor, which: str, r: MoeRouting) -> torch.Tensor:
+            wq, ws = getattr(layer, f"{which}_weight"), getattr(layer, f"{which}_weight_scale")
+            if self.static_input:  # each row takes its expert's scale; other-rank rows any valid one
+                scales = getattr(layer, f"{which}_input_scale").narrow(0, first, E).float()
+                a_scale = scales[r.expert.clamp(max=E - 1)][:, None]
+                aq = (a.float() / a_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            else:
+                aq, a_scale = quantize_per_token(a)
+            N = wq.shape[1]
+            if kind == "scaled":
+                b_scale = ws.float().reshape(E, -1).expand(E, N).contiguous()
+                return torch._scaled_grouped_mm(aq, wq.transpose(-2, -1), a_scale.reshape(-1).contiguous(), b_scale,
+                                                offs=r.offs, out_dtype=a.dtype)
+            w = wq.float() * ws.float().reshape(E, -1, 1)
+            return grouped_gemm(aq.float() * a_scale, w, r.offs).to(a.dtype)
+
+        return gemm
+
     @staticmethod
     def _global(layer, e):
         return e + (layer.tp.rank * layer.num_local_experts if layer.ep else 0)
+
+
+def _fp8_grouped_kind(x: torch.Tensor, hidden: int, inter: int) -> str | None:
+    """Which grouped FP8 GEMM Fp8MoEMethod can use for activations like x, or None for the loop."""
+    if x.is_cuda:
+        if (x.dtype == torch.bfloat16 and hasattr(torch, "_scaled_grouped_mm") and hidden % 16 == 0
+                and inter % 16 == 0 and torch.cuda.get_device_properties(x.device).major in (9, 10)):
+            return "scaled"
+        return None  # the dequantized fp32 stack would cost a full weight copy per call on a GPU
+    if x.device.type == "cpu" and grouped_mm_supported(torch.float32, x.device, hidden, inter):
+        return "dequant"
+    return None
 
 
 def _is_router(prefix: str) -> bool:

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from herd.attention.backends.abstract import AttentionBackend
+from herd.ops.attention import FP8_KV_DTYPES, attention_mask
+
+
+@dataclass
+class DecodePlan:
+    phys: torch.Tensor      # [Bd, W] physical block ids of each decode's visible window (0 where padded)
+    mask: torch.Tensor      # [Bd, 1, 1, W * block_size] visible keys
+
+
+@dataclass
+class PrefillPlan:
+    start: int              # query rows start:end
+    end: int
+    block_ids: torch.Tensor  # [n] blocks from the first visible one
+    num_tokens: int         # keys in those blocks that exist (context from the first visible block)
+    mask: torch.Tensor      # [qlen, num_tokens]
+
+
+@dataclass
+class GroupPlan:
+    decode: DecodePlan | None
+    prefills: list[PrefillPlan]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _store(k, v, k_cache, v_cache, slots, k_scale, v_scale):
+    """Every slot is valid here (the runner points padding rows at its scratch block)."""
+    nkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    if k_cache.dtype in FP8_KV_DTYPES:
+        # index_copy_ has no fp8 kernel on every device: copy the bytes
+        k = (k.float() / k_scale).clamp(-448, 448).to(k_cache.dtype).view(torch.uint8)
+        v = (v.float() / v_scale).clamp(-448, 448).to(v_cache.dtype).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    k_cache.view(-1, nkv, d).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, nkv, d).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def _dequant(kv, dtype, scale):
+    return (kv.float() * scale).to(dtype) if kv.dtype in FP8_KV_DTYPES else kv
+
+
+class SdpaAttentionBackend(AttentionBackend):
+    name = "sdpa"
+    supports_graphs = True   # torch.compile on CPU; decode windows are bucketed to powers of two
+
+    def build(self, common, chunks, for_graph=False):
+        return {g: self._plan(common, gm, chunks[g], for_graph) for g, gm in common.groups.items()}
+
+    def _plan(self, common, gm, chunk, for_graph) -> GroupPlan:
+        bs, nd = common.block_size, common.num_decodes
+        tables = gm.block_tables
+        decode = None
+        if nd:
+            sl = common.seq_lens_cpu[:nd].astype(np.int64)
+            start_blk = (((sl - 1) // chunk) * chunk) // bs if chunk is not None else np.zeros_like(sl)
+            width = int(((sl - 1) // bs + 1 - start_blk).max())
+            if for_graph:
+                width = _next_pow2(width)
+            dev = tables.device
+            seq_lens = common.seq_lens[:nd].long()
+            q_pos = seq_lens - 1
+            start_tok = (q_pos // chunk) * chunk if chunk is not None else torch.zeros_like(q_pos)
+            first = start_tok // bs
+            blk = first[:, None] + torch.arange(width, device=dev)[None, :]
+            n_blk = q_pos // bs + 1
+            phys = tables[:nd].long().gather(1, blk.clamp(max=tables.shape[1] - 1))
+            # Padding and freed (-1) entries are never attended; point them at block 0 for the gather.
+            phys = torch.where((blk < n_blk[:, None]) & (phys >= 0), phys, 0)
+            k_pos = first[:, None] * bs + torch.arange(width * bs, device=dev)[None, :]
+            mask = (k_pos <= q_pos[:, None]) & (k_pos >= start_tok[:, None])
+            decode = DecodePlan(phys, mask[:, None, None, :])
+        prefills = []
+        qsl, sls = common.query_start_loc_cpu, common.seq_lens_cpu
+        for b in range(nd, common.num_reqs):
+            s, e, seq_len = int(qsl[b]), int(qsl[b + 1]), int(sls[b])
+            if e == s:
+                continue
+            first_pos = seq_len - (e - s)
+            start_block = 0 if chunk is None else ((first_pos // chunk) * chunk) // bs
+            n_blocks = -(-seq_len // bs)
+            dev = tables.device
+            q_pos = torch.arange(first_pos, seq_len, device=dev)
+            k_pos = torch.arange(start_block * bs, seq_len, device=dev)
+            prefills.append(PrefillPlan(s, e, tables[b, start_block:n_blocks].long(), seq_len - start_block * bs,
+                                        attention_mask(q_pos, k_pos, chunk)))
+        return GroupPlan(decode, prefills)
+
+    def forward(self, layer, q, k, v, positions, meta):
+        k_cache, v_cache, k_scale, v_scale = self.layer_cache(layer, meta)
+        _store(k, v, k_cache, v_cache, meta.common.groups[layer.group].slot_mapping, k_scale, v_scale)
+        plan: GroupPlan = meta.per_group[layer.group]
+        gqa = layer.num_heads != layer.num_kv_heads  # module constants: a plain bool under tracing
+        dec = None
+        if plan.decode is not None:
+            d = plan.decode
+            nd = d.phys.shape[0]
+            kb = _dequant(k_cache[d.phys], q.dtype, k_scale).flatten(1, 2)   # [Bd, W*bs, Hkv, hd]
+            vb = _dequant(v_cache[d.phys], q.dtype, v_scale).flatten(1, 2)
+            dec = F.scaled_dot_product_attention(q[:nd, :, None, :], kb.transpose(1, 2), vb.transpose(1, 2),
+                                                 attn_mask=d.mask, scale=layer.scale, enable_gqa=gqa)[:, :, 0, :]
+            if not plan.prefills and nd == q.shape[0]:
+                return dec
+        out = torch.empty_like(q)
+        if dec is not None:
+            out[:dec.shape[0]] = dec
+        for p in plan.prefills:
+            kb = _dequant(k_cache[p.block_ids].flatten(0, 1)[:p.num_tokens], q.dtype, k_scale)
+            vb = _dequant(v_cache[p.block_ids].flatten(0, 1)[:p.num_tokens], q.dtype, v_scale)
+            o = F.scaled_dot_product_attention(q[p.start:p.end].transpose(0, 1), kb.transpose(0, 1),
+                                               vb.transpose(0, 1), attn_mask=p.mask, scale=layer.scale,
+                                               enable_gqa=gqa)
+            out[p.start:p.end] = o.transpose(0, 1)
+        return out

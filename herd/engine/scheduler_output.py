@@ -1,0 +1,145 @@
+"""What the scheduler tells the runners each step: small diffs against the state they keep.
+
+A sequence a runner has not seen arrives in full once (NewSeqData); afterwards only what changed
+travels: the token sampled last step, blocks appended, local blocks released, and how many tokens to
+compute now. Finished or preempted sequences are named so the runners drop them. The arrays are
+compact numpy (a decode step of 256 sequences pickles to about 3 KB)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from herd.multimodal.inputs import MultiModalSlice
+
+
+@dataclass
+class NewSeqData:
+    seq_id: int
+    token_ids: list[int]                  # every token known so far (prompt + outputs)
+    num_prompt_tokens: int
+    num_computed_tokens: int              # KV already in the cache (prefix-cache hits)
+    block_tables: dict[str, list[int]]    # KV group -> block ids (-1 freed / never allocated)
+    prompt_logprobs: bool
+
+
+@dataclass
+class CachedSeqData:
+    """Sequences the runners already hold, aligned arrays."""
+    seq_ids: np.ndarray                   # int32
+    new_token_ids: np.ndarray             # int32: the token sampled last step, -1 when none
+    # per group: (index into seq_ids, block id) of blocks appended to those tables, in order
+    new_blocks: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # per group: (index into seq_ids, number of leading -1 entries now) for local releases
+    freed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls) -> "CachedSeqData":
+        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32))
+
+
+@dataclass
+class SchedulerOutput:
+    new_seqs: list[NewSeqData]
+    cached: CachedSeqData
+    order: np.ndarray                     # int32 seq ids in the batch's order
+    num_scheduled_tokens: np.ndarray      # aligned with order
+    finished_seq_ids: list[int]           # drop these (finished, aborted or preempted)
+    mm: dict[int, list[MultiModalSlice]] = field(default_factory=dict)  # image rows this step writes
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.num_scheduled_tokens.sum())
+
+
+def _small(a: list[int]) -> np.ndarray:
+    """int16 when it fits: token counts are small in decode steps."""
+    arr = np.asarray(a, dtype=np.int32)
+    return arr.astype(np.int16) if arr.size and arr.max() < 32768 else arr
+
+
+class _Sent:
+    __slots__ = ("num_tokens", "table_lens", "num_freed")
+
+    def __init__(self, num_tokens: int, tables: dict[str, list[int]]):
+        self.num_tokens = num_tokens
+        self.table_lens = {g: len(t) for g, t in tables.items()}
+        self.num_freed = {g: _leading_freed(t) for g, t in tables.items()}
+
+
+def _leading_freed(table: list[int]) -> int:
+    n = 0
+    for b in table:
+        if b >= 0:
+            break
+        n += 1
+    return n
+
+
+class OutputTracker:
+    """The scheduler side of the diffs: what the runners know of each sequence."""
+
+    def __init__(self):
+        self.sent: dict[int, _Sent] = {}
+        self.removed: list[int] = []
+
+    def remove(self, seq_id: int):
+        if self.sent.pop(seq_id, None) is not None:
+            self.removed.append(seq_id)
+
+    def commit(self, out: SchedulerOutput):
+        """`out` reached every runner."""
+        done = set(out.finished_seq_ids)
+        self.removed = [s for s in self.removed if s not in done]
+
+    def build(self, seqs, num_tokens: list[int]) -> SchedulerOutput:
+        new, c_ids, c_tok = [], [], []
+        c_blocks: dict[str, tuple[list[int], list[int]]] = {}
+        c_freed: dict[str, tuple[list[int], list[int]]] = {}
+        mm = {}
+        for seq, n in zip(seqs, num_tokens):
+            sent = self.sent.get(seq.seq_id)
+            tables = seq.block_tables
+            if sent is None:
+                new.append(NewSeqData(seq.seq_id, seq.all_token_ids, seq.num_prompt_tokens, seq.num_computed_tokens,
+                                      {g: list(t) for g, t in tables.items()}, seq.params.prompt_logprobs is not None))
+                self.sent[seq.seq_id] = _Sent(seq.num_tokens, tables)
+            else:
+                j = len(c_ids)
+                c_ids.append(seq.seq_id)
+                total = seq.num_tokens
+                if total > sent.num_tokens:  # one sampled token per step
+                    if total - sent.num_tokens != 1:
+                        raise RuntimeError("more than one new token per step for one sequence")
+                    c_tok.append(seq.output_token_ids[-1])
+                    sent.num_tokens = total
+                else:
+                    c_tok.append(-1)
+                for g, t in tables.items():
+                    have = sent.table_lens.get(g, 0)
+                    if len(t) > have:
+                        idx, ids = c_blocks.setdefault(g, ([], []))
+                        idx.extend([j] * (len(t) - have))
+                        ids.extend(t[have:])
+                        sent.table_lens[g] = len(t)
+                    lead = sent.num_freed.get(g, 0)
+                    while lead < len(t) and t[lead] < 0:
+                        lead += 1
+                    if lead != sent.num_freed.get(g, 0):
+                        idx, cnt = c_freed.setdefault(g, ([], []))
+                        idx.append(j)
+                        cnt.append(lead)
+                        sent.num_freed[g] = lead
+            if seq.multi_modal is not None:
+                slices = seq.multi_modal.slices(seq.num_computed_tokens, n)
+                if slices:
+                    mm[seq.seq_id] = slices
+        cached = CachedSeqData(
+            np.asarray(c_ids, dtype=np.int32), np.asarray(c_tok, dtype=np.int32),
+            {g: (_small(i), np.asarray(b, dtype=np.int32)) for g, (i, b) in c_blocks.items()},
+            {g: (_small(i), _small(c)) for g, (i, c) in c_freed.items()})
+        # Removals stay pending until a step that carried them ran (commit): a step that fails
+        # before reaching the runners must not lose them.
+        removed = list(self.removed)
+        return SchedulerOutput(new, cached, np.asarray([s.seq_id for s in seqs], dtype=np.int32),
+                               _small(num_tokens), removed, mm)

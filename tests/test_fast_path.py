@@ -1,0 +1,115 @@
+"""The fast path against its references: persistent input batch vs the scheduler's view, attention
+backends vs the reference backend end to end, and a forward with no graph break or host read."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from herd import LLM, SamplingParams
+from herd.engine.block_manager import LOCAL
+
+PROMPTS = ["The fox", "héllo wörld, naïve café and the llamas graze in the field of experts",
+           "Mixture of experts routes each token", "In the beginning was the word, and the word was with"]
+
+
+def greedy(n=24):
+    return SamplingParams(temperature=0, max_tokens=n, min_tokens=n)
+
+
+def make_llm(path, **kw):
+    args = dict(dtype="float32", block_size=4, num_kv_blocks=128, max_model_len=160)
+    args.update(kw)
+    return LLM(path, **args)
+
+
+def check_input_batch(engine):
+    """The runner's persistent buffers hold exactly what the scheduler knows of every live sequence."""
+    ib = engine.executor.runner.input_batch
+    live = {s.seq_id: s for s in engine.scheduler.running}
+    # finished and preempted sequences leave the runner with the next step's diff
+    assert set(ib.row_of) - set(engine.scheduler.tracker.removed) == set(live)
+    for sid, seq in live.items():
+        row = ib.row_of[sid]
+        assert ib.num_computed[row] == seq.num_computed_tokens
+        n = int(ib.num_tokens[row])
+        # the token sampled by the last step reaches the runner with the next step's diff
+        assert ib.token_ids[row, :n].tolist() == seq.all_token_ids[:n] and n >= seq.num_tokens - 1
+        for g, table in seq.block_tables.items():
+            assert ib.tables[g][row, :ib.table_lens[g][row]].tolist() == table
+
+
+@pytest.mark.parametrize("fixture", ["scout_dir", "maverick_dir"])
+def test_persistent_batch_tracks_the_scheduler(fixture, request):
+    """Chunked prefill, prefix caching, local-block release and preemption (a pool too small for
+    every sequence at once) all keep the runner's buffers in step with the scheduler."""
+    llm = make_llm(request.getfixturevalue(fixture), num_kv_blocks=40, max_num_batched_tokens=16)
+    eng = llm.llm_engine
+    prompts = PROMPTS + [PROMPTS[3] + " the herd"]  # shares a prefix with PROMPTS[3]
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, greedy(30))
+    steps = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        check_input_batch(eng)
+        steps += 1
+    assert eng.scheduler.num_preemptions > 0
+    assert any(-1 in t for t in eng.executor.runner.input_batch.tables[LOCAL].tolist())  # released blocks
+    ib = eng.executor.runner.input_batch
+    assert set(ib.row_of) <= set(eng.scheduler.tracker.removed)
+    eng.add_request("last", PROMPTS[0], greedy(2))
+    eng.step()  # the finished sequences' rows come back with the next step
+    assert len(ib) == 1 and len(ib.free_rows) == len(ib.num_tokens) - 1
+
+
+@pytest.mark.parametrize("fixture", ["scout_dir", "maverick_dir"])
+def test_backends_match_reference_end_to_end(fixture, request):
+    path = request.getfixturevalue(fixture)
+    kw = dict(max_num_batched_tokens=12, num_kv_blocks=60)  # mixed prefill chunks + decodes, preemption
+    ref = make_llm(path, attention_backend="reference", **kw).generate(PROMPTS, greedy(), use_tqdm=False)
+    for backend in ("sdpa", "triton"):
+        if backend == "triton":
+            pytest.importorskip("triton")
+        outs = make_llm(path, attention_backend=backend, **kw).generate(PROMPTS, greedy(), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref], backend
+
+
+def test_decode_diffs_are_small(scout_dir):
+    """A decode step sends each runner one token per sequence, not its token list."""
+    llm = make_llm(scout_dir, max_num_seqs=64, num_kv_blocks=4096, max_model_len=512,
+                   max_num_batched_tokens=8192)
+    eng = llm.llm_engine
+    for i in range(64):
+        eng.add_request(str(i), {"prompt_token_ids": list(range(3, 3 + 60 + i % 5))}, greedy(8))
+    eng.step()  # prefills
+    batch = eng.scheduler.schedule()
+    out = batch.output
+    assert not out.new_seqs and len(out.cached.seq_ids) == 64 and (out.cached.new_token_ids >= 0).all()
+    assert len(pickle.dumps(out)) < 2560  # about 24 bytes per sequence + fixed overhead
+    eng.executor.execute(batch)
+
+
+@pytest.mark.parametrize("fixture", ["scout_dir", "maverick_dir"])
+def test_forward_has_no_graph_break_or_host_read(fixture, request):
+    """torch.compile(fullgraph=True) fails on any graph break, and a device-to-host read (.item(),
+    .tolist(), bool(t), int(t)) inside the forward is one: prefill, mixed and decode steps."""
+    torch._dynamo.reset()
+    llm = make_llm(request.getfixturevalue(fixture), max_num_batched_tokens=24)
+    model = llm.llm_engine.executor.runner.model
+    eager = model.forward
+    calls = []
+
+    def forward(*args, **kw):
+        calls.append(args[0].shape[0])
+        return compiled(*args, **kw)
+
+    compiled = torch.compile(eager, fullgraph=True, backend="eager", dynamic=True)
+    model.forward = forward
+    try:
+        outs = llm.generate(PROMPTS, greedy(6), use_tqdm=False)
+    finally:
+        model.forward = eager
+    assert max(calls) == 24 and min(calls) <= len(PROMPTS)  # full prefill chunks ... decode-only steps
+    ref = make_llm(request.getfixturevalue(fixture), max_num_batched_tokens=24).generate(PROMPTS, greedy(6),
+                                                                                          use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
