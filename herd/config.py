@@ -43,6 +43,56 @@ def default_device() -> str:
 
 
 @dataclass
+class CompilationConfig:
+    """vLLM's -O / --compilation-config: `level` 0 runs eagerly; >= 1 compiles the model with
+    torch.compile (`backend`). Decode steps are captured per batch-size bucket: CUDA graphs on
+    CUDA (unless enforce_eager), compiled graphs on the CPU when level >= 1."""
+    level: int | None = None                      # None: 0 on CPU, 3 on CUDA (graphs only)
+    backend: str = "inductor"
+    cudagraph_capture_sizes: list[int] | None = None
+
+    @classmethod
+    def parse(cls, value) -> "CompilationConfig":
+        """An int level, a JSON object string, a dict or a CompilationConfig."""
+        import json
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, int):
+            return cls(level=value)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.lstrip("-").isdigit():
+                return cls(level=int(text))
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError(f"compilation config {value!r} is neither a level nor a JSON object") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"compilation config must be a level or a JSON object, got {value!r}")
+        known = {f.name for f in fields(cls)} | {"mode"}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown compilation config keys {sorted(unknown)}; known: {sorted(known)}")
+        value = dict(value)
+        if "mode" in value:  # newer vLLM spelling of level
+            value.setdefault("level", value.pop("mode"))
+        cfg = cls(**value)
+        if cfg.cudagraph_capture_sizes is not None and (
+                not cfg.cudagraph_capture_sizes or any(int(n) <= 0 for n in cfg.cudagraph_capture_sizes)):
+            raise ValueError("cudagraph_capture_sizes must be positive batch sizes")
+        return cfg
+
+    def capture_sizes(self, max_num_seqs: int) -> list[int]:
+        """vLLM's default buckets: 1, 2, 4, then every 8, up to max_num_seqs."""
+        if self.cudagraph_capture_sizes is not None:
+            return sorted({min(int(n), max_num_seqs) for n in self.cudagraph_capture_sizes})
+        sizes = [1, 2, 4] + list(range(8, max_num_seqs + 8, 8))
+        return sorted({min(n, max_num_seqs) for n in sizes})
+
+
+@dataclass
 class ModelConfig:
     model: str
     dtype: str = "auto"
@@ -53,10 +103,13 @@ class ModelConfig:
     tokenizer: str | None = None
     max_logprobs: int = 20                    # largest logprobs / prompt_logprobs a request may ask
     attention_backend: str | None = None      # auto | reference | sdpa | triton
+    enforce_eager: bool = False               # never capture or compile (vLLM's flag)
+    compilation_config: CompilationConfig | None = None
     hf_config: Llama4TextConfig | None = None
     torch_dtype: torch.dtype = torch.bfloat16
 
     def finalize(self, device: str):
+        self.compilation_config = CompilationConfig.parse(self.compilation_config)
         if self.hf_config is None and is_gguf_path(self.model):
             self._convert_gguf()
         if self.hf_config is None:

@@ -113,3 +113,45 @@ def test_forward_has_no_graph_break_or_host_read(fixture, request):
     ref = make_llm(request.getfixturevalue(fixture), max_num_batched_tokens=24).generate(PROMPTS, greedy(6),
                                                                                           use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+
+
+@pytest.mark.parametrize("fixture", ["scout_dir", "maverick_dir"])
+def test_compiled_decode_matches_eager(fixture, request):
+    """enforce_eager=False with a compilation level: decode steps padded to capture sizes and run
+    compiled (the dynamo 'eager' backend keeps compile time out of CI; inductor is the default)."""
+    torch._dynamo.reset()
+    path = request.getfixturevalue(fixture)
+    prompts = PROMPTS + ["A", "The herd grazes"]  # 6 sequences: padded to the capture size 8
+    eager = make_llm(path, enforce_eager=True).generate(prompts, greedy(), use_tqdm=False)
+    llm = make_llm(path, compilation_config={"level": 3, "backend": "eager"})
+    graphs = llm.llm_engine.executor.runner.decode_graphs
+    assert graphs is not None and graphs.mode == "compile"
+    ran = []
+    run = graphs.run
+    graphs.run = lambda si: ran.append(len(si.rows)) or run(si)
+    outs = llm.generate(prompts, greedy(), use_tqdm=False)
+    assert ran and max(ran) == len(prompts)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in eager]
+    assert make_llm(path).llm_engine.executor.runner.decode_graphs is None  # CPU: compile only when asked
+
+
+def test_enforce_eager_and_compilation_flags():
+    from herd.config import CompilationConfig
+    assert CompilationConfig.parse("3").level == 3
+    assert CompilationConfig.parse('{"level": 1, "backend": "eager"}').backend == "eager"
+    assert CompilationConfig.parse({"mode": 2}).level == 2
+    assert CompilationConfig.parse(None).capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    with pytest.raises(ValueError, match="unknown compilation config keys"):
+        CompilationConfig.parse({"levle": 3})
+    with pytest.raises(ValueError, match="neither a level nor a JSON object"):
+        CompilationConfig.parse("fast")
+
+
+def test_fp8_kv_backends_match_reference(scout_dir):
+    kw = dict(max_num_batched_tokens=12, kv_cache_dtype="fp8")
+    ref = make_llm(scout_dir, attention_backend="reference", **kw).generate(PROMPTS, greedy(12), use_tqdm=False)
+    for backend in ("sdpa", "triton"):
+        if backend == "triton":
+            pytest.importorskip("triton")
+        outs = make_llm(scout_dir, attention_backend=backend, **kw).generate(PROMPTS, greedy(12), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref], backend

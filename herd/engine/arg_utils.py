@@ -9,7 +9,6 @@ import sys
 NOT_NEEDED = {
     "use_v2_block_manager": "herd always uses its paged block manager",
     "trust_remote_code": "herd runs no code from the checkpoint",
-    "enforce_eager": "herd captures no graphs on this path",
     "weights_load_device": "herd always loads and quantizes weights on the CPU, then moves them",
 }
 
@@ -71,6 +70,11 @@ def add_engine_args(parser: argparse.ArgumentParser):
     flag(e, "enable_expert_parallel", "-ep", action="store_true", default=None)
     flag(e, "quantization", "-q", help="inc | fp8 | compressed-tensors (default: from the checkpoint)")
     flag(e, "quant_config", help="INC QUANT_CONFIG json for --quantization inc (default: $QUANT_CONFIG)")
+    flag(e, "attention_backend", choices=["auto", "reference", "sdpa", "triton"],
+         help="auto: triton on CUDA, sdpa on CPU")
+    flag(e, "enforce_eager", action="store_true", default=None,
+         help="no CUDA graphs or compiled decode (default: graphs on CUDA)")
+    flag(e, "compilation_config", "-O", help="level (-O3) or JSON, e.g. '{\"level\": 3, \"backend\": \"inductor\"}'")
     c = parser.add_argument_group("accepted for vLLM compatibility, not needed")
     for name in NOT_NEEDED:
         if name == "weights_load_device":
@@ -96,5 +100,6 @@ def engine_kwargs(args) -> dict:
               enable_expert_parallel=args.enable_expert_parallel, quantization=args.quantization,
               quant_config_path=args.quant_config, device=args.device,
               served_model_name=getattr(args, "served_model_name", None),
-              max_logprobs=getattr(args, "max_logprobs", None))
+              max_logprobs=getattr(args, "max_logprobs", None), attention_backend=args.attention_backend,
+              enforce_eager=args.enforce_eager, compilation_config=args.compilation_config)
     return {k: v for k, v in kw.items() if v is not None}

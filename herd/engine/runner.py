@@ -65,6 +65,7 @@ class ModelRunner:
         self.input_batch = InputBatch(config.scheduler.max_num_seqs + 1, mc.max_model_len, self.block_size,
                                       self.kv_groups())
         self.scratch_block: dict[str, int] = {}
+        self.decode_graphs = None   # made once the KV cache exists
 
     def weight_memory(self) -> dict[str, int]:
         """Bytes of this rank's parameters and buffers by dtype (FP8 weights stay FP8 on the device)."""
@@ -130,6 +131,32 @@ class ModelRunner:
                 raise ValueError("--kv-cache-dtype fp8_inc needs --quantization inc with KV-cache measurements "
                                  "(k_cache/v_cache nodes) in QUANT_CONFIG's measurement files")
             self.kv_scales = [measured.get(i, (1.0, 1.0)) for i in range(len(self.layer_groups))]
+        self.decode_graphs = self._make_decode_graphs()
+
+    def _make_decode_graphs(self):
+        """enforce_eager=False: CUDA graphs on CUDA when the backend allows; on the CPU only when a
+        compilation level >= 1 asks for torch.compile (its compile time is paid on first use)."""
+        from herd.engine.decode_graphs import DecodeGraphRunner
+        mc = self.config.model
+        cc = mc.compilation_config
+        if mc.enforce_eager or self.tp.size > 1 or self.quant_needs_eager():
+            return None
+        sizes = cc.capture_sizes(self.config.scheduler.max_num_seqs)
+        if self.device.type == "cuda":
+            if cc.level == 0 or not self.attn_backend.supports_cuda_graphs:
+                return None
+            return DecodeGraphRunner(self, sizes, "cuda")
+        if cc.level is None or cc.level < 1:
+            return None
+        if not self.attn_backend.supports_graphs:
+            raise ValueError(f"attention backend {self.attn_backend.name!r} cannot be compiled; use sdpa or "
+                             "triton, or --enforce-eager")
+        return DecodeGraphRunner(self, sizes, "compile", cc.backend)
+
+    def quant_needs_eager(self) -> bool:
+        """INC MEASURE observes activations with host-side statistics in the forward."""
+        from herd.quant.inc_runtime import IncMeasureMethods
+        return isinstance(self.quant, IncMeasureMethods)
 
     def finish(self):
         """Shutdown work: INC MEASURE writes its measurement files."""
@@ -162,14 +189,17 @@ class ModelRunner:
         ib = self.input_batch
         ib.update(sched)
         si = ib.prepare(sched)
-        meta = self.build_metadata(si)
-        input_ids = torch.from_numpy(si.input_ids).to(self.device)
-        positions = torch.from_numpy(si.positions).to(self.device)
         order = sched.order[si.perm]
-        mm = [sched.mm.get(int(sid)) for sid in order] if sched.mm else [None] * len(order)
-        embeds = multimodal_embeddings(self.model, input_ids, mm, si.query_start_loc[:-1].tolist(),
-                                       self.encoder_cache)
-        hidden = self.model(input_ids, positions, meta, inputs_embeds=embeds)
+        if self.decode_graphs is not None and self.decode_graphs.can_run(si, bool(sched.mm)):
+            hidden = self.decode_graphs.run(si)
+        else:
+            meta = self.build_metadata(si)
+            input_ids = torch.from_numpy(si.input_ids).to(self.device)
+            positions = torch.from_numpy(si.positions).to(self.device)
+            mm = [sched.mm.get(int(sid)) for sid in order] if sched.mm else [None] * len(order)
+            embeds = multimodal_embeddings(self.model, input_ids, mm, si.query_start_loc[:-1].tolist(),
+                                           self.encoder_cache)
+            hidden = self.model(input_ids, positions, meta, inputs_embeds=embeds)
         # Rows that need logits: the last token of each sequence that completes its known tokens
         # (it samples), plus prompt positions whose logprobs were asked for.
         sample_rows = si.query_start_loc[1:][si.sample_idx] - 1

@@ -9,8 +9,11 @@ class AttentionBackend:
     must not read device values back to the host (no .item(), .tolist(), bool(tensor))."""
 
     name = "abstract"
-    # Whether a decode-only step of bucketed size can be captured (CUDA graphs / torch.compile).
+    # A decode step's forward can be traced by torch.compile (no host reads).
     supports_graphs = False
+    # ... and recorded as a CUDA graph: it reads only device tensors whose addresses stay fixed,
+    # and the host values its plan holds depend on the batch size alone (for_graph=True).
+    supports_cuda_graphs = False
 
     def build(self, common: CommonAttentionMetadata, chunks: dict[str, int | None],
               for_graph: bool = False) -> dict[str, object]:

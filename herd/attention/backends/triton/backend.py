@@ -22,7 +22,8 @@ class TritonPlan:
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
-    supports_graphs = True   # decode reads only device tensors; splits fixed per captured bucket
+    supports_graphs = True
+    supports_cuda_graphs = True   # decode reads only device tensors; splits fixed when captured
 
     def __init__(self, graph_splits: int = 8):
         self.graph_splits = graph_splits
