@@ -166,8 +166,11 @@ class BlockManager:
         if LOCAL not in self.pools:
             return
         table = seq.block_tables.get(LOCAL, [])
+        hi = min(self.first_needed_block(seq.num_computed_tokens), len(table))
+        if hi == 0 or table[hi - 1] < 0:  # released entries always form a prefix: nothing new
+            return
         pool = self.pools[LOCAL]
-        for i in range(min(self.first_needed_block(seq.num_computed_tokens), len(table))):
+        for i in range(hi):
             if table[i] >= 0:
                 pool.release(table[i])
                 table[i] = -1
@@ -176,6 +179,9 @@ class BlockManager:
         """Make room for positions [num_computed, num_computed + num_new_tokens). False = out of blocks."""
         self.release_out_of_chunk(seq)
         need = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        tables = seq.block_tables
+        if len(tables) == len(self.pools) and all(len(t) >= need for t in tables.values()):
+            return True  # a decode inside its last block: nothing to allocate
         want = {g: max(0, need - len(seq.block_tables.get(g, []))) for g in self.pools}
         if LOCAL in want:  # blocks below the first one the step reads are never allocated
             have = len(seq.block_tables.get(LOCAL, []))

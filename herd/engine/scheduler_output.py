@@ -42,10 +42,17 @@ class CachedSeqData:
 class SchedulerOutput:
     new_seqs: list[NewSeqData]
     cached: CachedSeqData
-    order: np.ndarray                     # int32 seq ids in the batch's order
+    order_ids: np.ndarray | None          # int32 seq ids in the batch's order; None: cached then new
     num_scheduled_tokens: np.ndarray      # aligned with order
     finished_seq_ids: list[int]           # drop these (finished, aborted or preempted)
     mm: dict[int, list[MultiModalSlice]] = field(default_factory=dict)  # image rows this step writes
+
+    @property
+    def order(self) -> np.ndarray:
+        if self.order_ids is not None:
+            return self.order_ids
+        new = np.asarray([s.seq_id for s in self.new_seqs], dtype=np.int32)
+        return np.concatenate([self.cached.seq_ids, new]) if len(new) else self.cached.seq_ids
 
     @property
     def total_tokens(self) -> int:
@@ -141,5 +148,9 @@ class OutputTracker:
         # Removals stay pending until a step that carried them ran (commit): a step that fails
         # before reaching the runners must not lose them.
         removed = list(self.removed)
-        return SchedulerOutput(new, cached, np.asarray([s.seq_id for s in seqs], dtype=np.int32),
-                               _small(num_tokens), removed, mm)
+        order = [s.seq_id for s in seqs]
+        # The scheduler puts running (cached) sequences before newly admitted ones: then the order
+        # needs no bytes of its own.
+        implied = c_ids + [s.seq_id for s in new]
+        order_ids = None if order == implied else np.asarray(order, dtype=np.int32)
+        return SchedulerOutput(new, cached, order_ids, _small(num_tokens), removed, mm)
