@@ -32,6 +32,7 @@ class DecodeGraphRunner:
         self.max_blocks = -(-runner.config.model.max_model_len // runner.block_size)
         self.graphs: dict[int, tuple] = {}
         self.pool = None
+        self.disabled = False
         if mode == "compile":
             self.compiled = torch.compile(runner.model.forward, fullgraph=True, backend=compile_backend)
         elif mode == "cuda":
@@ -48,7 +49,7 @@ class DecodeGraphRunner:
 
     def can_run(self, si: StepInputs, has_mm: bool) -> bool:
         B = len(si.rows)
-        return 0 < B <= self.max_size and si.num_decodes == B and not has_mm
+        return not self.disabled and 0 < B <= self.max_size and si.num_decodes == B and not has_mm
 
     def _padded(self, si: StepInputs, Bp: int, width: int):
         """Host arrays of the padded batch."""
@@ -71,7 +72,8 @@ class DecodeGraphRunner:
             slots[g] = s
         return ids, pos, seq_lens, tables, slots
 
-    def run(self, si: StepInputs) -> torch.Tensor:
+    def run(self, si: StepInputs) -> torch.Tensor | None:
+        """The step's hidden states, or None when it must run eagerly after all."""
         B = len(si.rows)
         Bp = self.sizes[bisect.bisect_left(self.sizes, B)]
         if self.mode == "compile":
@@ -106,7 +108,14 @@ class DecodeGraphRunner:
             self.slots[g][:Bp].copy_(torch.from_numpy(slots[g]), non_blocking=True)
         entry = self.graphs.get(Bp)
         if entry is None:
-            entry = self._capture(Bp)
+            try:
+                entry = self._capture(Bp)
+            except Exception as e:  # noqa: BLE001 - a forward that cannot be recorded runs eagerly
+                logger.warning("CUDA graph capture failed (%s: %s); decoding eagerly from now on",
+                               type(e).__name__, e)
+                torch.cuda.synchronize(self.runner.device)
+                self.disabled = True
+                return None
         graph, out = entry
         graph.replay()
         return out[:B]

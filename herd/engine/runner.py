@@ -145,6 +145,10 @@ class ModelRunner:
         if self.device.type == "cuda":
             if cc.level == 0 or not self.attn_backend.supports_cuda_graphs:
                 return None
+            if self.hf_config.moe_layers and self.dtype != torch.bfloat16:
+                # the grouped expert GEMM is bf16-only on CUDA; other dtypes loop over experts on the host
+                logger.info("decode CUDA graphs need bfloat16 for MoE layers; running eagerly")
+                return None
             return DecodeGraphRunner(self, sizes, "cuda")
         if cc.level is None or cc.level < 1:
             return None
@@ -190,9 +194,10 @@ class ModelRunner:
         ib.update(sched)
         si = ib.prepare(sched)
         order = sched.order[si.perm]
+        hidden = None
         if self.decode_graphs is not None and self.decode_graphs.can_run(si, bool(sched.mm)):
             hidden = self.decode_graphs.run(si)
-        else:
+        if hidden is None:
             meta = self.build_metadata(si)
             input_ids = torch.from_numpy(si.input_ids).to(self.device)
             positions = torch.from_numpy(si.positions).to(self.device)
