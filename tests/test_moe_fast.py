@@ -336,3 +336,14 @@ def test_inc_measure_expert_amax_fast_equals_reference(ep_rank, monkeypatch):
     local_used = [e for e in range(layer.num_local_experts) if (layer.expert_map[ids] == e).any()
                   ] if ep_rank is not None else [0, 1, 2, 5, 6]
     assert (fast_amax > 0).tolist() == [e in local_used for e in range(layer.num_local_experts)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k_major_cpu_layout_matches_reference(dtype, no_reference):
+    """load_model stores CPU expert weights K-major (relayout_experts_for_cpu): same values, other
+    strides; the grouped path takes them as they are."""
+    x, w13, w2, ids, wts = make_inputs(21, 64, 32, 6, 1, dtype, seed=3)
+    k13, k2 = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (w13, w2))
+    assert k13.stride(-2) == 1 and torch.equal(k13, w13)
+    fast = moe.fused_moe(x, k13, k2, ids, wts)
+    torch.testing.assert_close(fast, REF(x, w13, w2, ids, wts), **TOL[dtype])

@@ -133,8 +133,15 @@ def grouped_moe_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) 
     """grouped_mm_supported for these activations, and [E, N, K] weights whose transpose is a
     column-major view the kernel takes as it is (no weight copy per call)."""
     return (grouped_mm_supported(x.dtype, x.device, x.shape[-1], w2.shape[-1])
-            and all(w.dim() == 3 and w.dtype == x.dtype and w.stride(-1) == 1 and _aligned(w.stride(-2), w.dtype)
-                    for w in (w13, w2)))
+            and all(w.dim() == 3 and w.dtype == x.dtype and _weight_layout_ok(w) for w in (w13, w2)))
+
+
+def _weight_layout_ok(w: torch.Tensor) -> bool:
+    """Row-major [E, N, K] (its transpose is the column-major view CUDA kernels want) or K-major
+    (relayout_experts_for_cpu: the transpose is contiguous), row strides 16-byte aligned."""
+    if w.stride(-1) == 1:
+        return _aligned(w.stride(-2), w.dtype)
+    return w.stride(-2) == 1 and _aligned(w.stride(-1), w.dtype)
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
