@@ -241,4 +241,14 @@ class EngineConfig:
 
 
 def api_key_from_env() -> str | None:
-    return os.environ.get("HERD_API_KEY") or os.environ.get("VLLM_API_KEY")
+    """$HERD_API_KEY, else $VLLM_API_KEY, else None. A variable that is set but empty (or only
+    whitespace) is an error: it would otherwise silently turn authentication off."""
+    for name in ("HERD_API_KEY", "VLLM_API_KEY"):
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        if not value.strip():
+            raise ValueError(f"${name} is set but empty; set it to the API key, or unset it to serve "
+                             "without authentication")
+        return value
+    return None

@@ -65,12 +65,12 @@ def test_health_version_models(server, client):
 
 
 def test_tokenize_detokenize(server, client):
-    r = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()
+    r = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT, "return_token_strs": True}, headers=server.headers).json()
     assert r["count"] == len(r["tokens"]) == len(r["token_strs"]) and r["max_model_len"] == MAX_MODEL_LEN
     assert r["tokens"][0] == 1  # BOS
-    back = httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"][1:]}).json()
+    back = httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"][1:]}, headers=server.headers).json()
     assert back["prompt"] == PROMPT
-    bad = httpx.post(server.url + "/detokenize", json={"tokens": [10 ** 6]})
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [10 ** 6]}, headers=server.headers)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
@@ -82,7 +82,7 @@ def test_chat_completion(server, client):
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
     assert choice.message.role == "assistant" and choice.finish_reason == "length"
     assert r.usage.completion_tokens == 6
-    chat_ids = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}).json()
+    chat_ids = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}, headers=server.headers).json()
     assert r.usage.prompt_tokens == chat_ids["count"]
     again = client.chat.completions.create(model="alias", messages=MESSAGES, max_tokens=6, **GREEDY)
     assert again.choices[0].message.content == choice.message.content and again.model == "alias"
@@ -98,7 +98,7 @@ def test_chat_completion(server, client):
 def test_completion_prompts_and_echo(server, client):
     kw = dict(model=MODEL, max_tokens=5, **GREEDY)
     text = client.completions.create(prompt=PROMPT, **kw).choices[0].text
-    ids = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}, headers=server.headers).json()["tokens"]
     assert client.completions.create(prompt=ids, **kw).choices[0].text == text
     echoed = client.completions.create(prompt=PROMPT, echo=True, **kw).choices[0].text
     assert echoed == PROMPT + text
@@ -252,7 +252,7 @@ def test_metrics_counters_move(server, client):
 def test_client_disconnect_frees_blocks(server):
     _wait_idle(server)
     before = server.metrics()
-    prompt_len = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()["count"]
+    prompt_len = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}, headers=server.headers).json()["count"]
     max_tokens = MAX_MODEL_LEN - prompt_len
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
     with httpx.Client(base_url=server.url, headers=server.headers, timeout=30) as http:

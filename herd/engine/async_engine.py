@@ -1,8 +1,14 @@
 """AsyncLLMEngine: one engine thread owns the model and steps; asyncio callers stream from it.
 
 Callers validate and tokenize on their side (fast 400s), then hand the request to the engine
-thread through a command queue. Outputs come back through per-request asyncio queues. A caller
-that stops listening (client disconnect) aborts its request, which frees its KV blocks.
+thread through a command queue. Outputs come back through one slot per request: outputs are
+cumulative, so a newer one replaces an unread older one (a caller that reads slowly holds at most
+one output, never a backlog). A caller that stops listening (client disconnect) aborts its
+request, which frees its KV blocks.
+
+The engine knows each submission by an id of its own (the caller's id plus a counter), so two
+submissions with the same caller id, e.g. a client that hangs up and resends at once, never see
+each other's outputs; the outputs the caller gets carry the caller's id.
 
 A step that raises fails only the requests it was running (each gets an EngineStepError, their
 blocks are freed); the engine then checks itself with a one-token probe step. If the probe fails,
@@ -12,6 +18,7 @@ EngineDeadError and `is_running` turns False (the server's /health answers 503 a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -36,6 +43,49 @@ class EngineStepError(RuntimeError):
     """The step running this request raised; the request was aborted, the engine lives on."""
 
 
+class _OutputSlot:
+    """The newest undelivered output (or error) of one request, handed from the engine thread to
+    the caller's event loop. At most one wake-up is scheduled on the loop at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.latest: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.event = asyncio.Event()
+        self.wake_pending = False
+        self.num_coalesced = 0  # outputs replaced before the caller read them (for tests/logs)
+
+    def push(self, item) -> None:  # engine thread
+        with self.lock:
+            if isinstance(item, BaseException):
+                self.error = item
+            else:
+                if self.latest is not None:
+                    self.num_coalesced += 1
+                self.latest = item
+            if self.wake_pending:
+                return
+            self.wake_pending = True
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:  # caller's loop
+        with self.lock:
+            self.wake_pending = False
+        self.event.set()
+
+    async def get(self):
+        while True:
+            with self.lock:
+                item, self.latest = self.latest, None
+                if item is None and self.error is not None:
+                    item, self.error = self.error, None
+            if item is not None:
+                return item
+            self.event.clear()
+            await self.event.wait()
+
+
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None,
                  max_step_failures: int = 3):
@@ -49,7 +99,8 @@ class AsyncLLMEngine:
         self.tokenizer = self.engine.tokenizer
         self._commands: deque = deque()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _OutputSlot] = {}   # by engine request id
+        self._ids = itertools.count()
         self._stop = threading.Event()
         self.errored: BaseException | None = None
         self.last_stats = self.engine.stats()
@@ -75,30 +126,32 @@ class AsyncLLMEngine:
                        prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
         if self.errored is not None:
             raise EngineDeadError(f"the engine has stopped: {self.errored}")
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        engine_id = f"{request_id}#{next(self._ids)}"  # unique per submission
+        slot = _OutputSlot(asyncio.get_running_loop())
+        self._streams[engine_id] = slot
         if isinstance(prompt, list) and prompt_text is not None:
             prompt = {"prompt": prompt_text, "prompt_token_ids": prompt}
-        self._send(("add", request_id, prompt, params, time.time()))
+        self._send(("add", engine_id, prompt, params, time.time()))
         finished = False
         try:
             while True:
-                item = await queue.get()
+                item = await slot.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                item.request_id = request_id  # the caller's id, as the caller gave it
                 yield item
                 if finished:
                     break
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(engine_id, None)
             if not finished:  # cancelled or the consumer went away: free the request's blocks
-                self._send(("abort", request_id))
+                self._send(("abort", engine_id))
 
     def abort(self, request_id: str):
-        self._send(("abort", request_id))
+        """Abort every live submission made with this caller id."""
+        for engine_id in [k for k in self._streams if k.rsplit("#", 1)[0] == request_id]:
+            self._send(("abort", engine_id))
 
     def _send(self, command):
         self._commands.append(command)
@@ -117,12 +170,11 @@ class AsyncLLMEngine:
 
     # -- engine thread ----------------------------------------------------------------------
     def _deliver(self, request_id: str, item):
-        stream = self._streams.get(request_id)
-        if stream is None:
+        slot = self._streams.get(request_id)
+        if slot is None:
             return
-        loop, queue = stream
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            slot.push(item)
         except RuntimeError:  # the caller's loop is closed
             self._streams.pop(request_id, None)
 

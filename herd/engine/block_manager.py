@@ -90,6 +90,38 @@ class BlockManager:
             out[LOCAL] = min(n, -(-self.chunk_size // self.block_size) + 1)
         return out
 
+    def max_chunk_tokens(self, seq: Sequence, num_new_tokens: int) -> int:
+        """The most of `num_new_tokens` (from seq.num_computed_tokens on) this sequence could ever
+        compute in one step: what its allocation would need must fit in each whole pool, counting
+        the blocks the sequence already holds. Local blocks left of the step's first chunk are not
+        needed (allocate_slots neither keeps nor allocates them), so the local group bounds the
+        table at first_needed_block(computed) + its pool size. A chunk capped this way waits only
+        for blocks other sequences hold, never for blocks that do not exist."""
+        c = seq.num_computed_tokens
+        limit = c + num_new_tokens
+        for g, pool in self.pools.items():
+            if g == LOCAL:
+                max_table = self.first_needed_block(c) + pool.num_blocks
+            else:
+                max_table = pool.num_blocks
+            limit = min(limit, max_table * self.block_size)
+        return max(0, limit - c)
+
+    def min_blocks_to_progress(self, max_model_len: int, chunked_prefill: bool = True) -> dict[str, int]:
+        """Blocks each group needs so that one sequence of max_model_len, alone, always progresses.
+
+        full: every block of the sequence. local with chunked prefill: the scheduler caps each step
+        at max_chunk_tokens, so a step only needs the blocks of its chunk window up to its first new
+        token: up to chunk_size - 1 tokens (plus a block of misalignment when chunk_size is not a
+        multiple of block_size) before it, hence ceil(chunk_size / block_size) + 1. local without
+        chunked prefill: a (recomputed) sequence of up to max_model_len - 1 tokens is one step, and
+        that step holds every local block it writes, as full does."""
+        n = -(-max_model_len // self.block_size)
+        out = {FULL: n} if FULL in self.pools else {}
+        if LOCAL in self.pools:
+            out[LOCAL] = min(n, -(-self.chunk_size // self.block_size) + 1) if chunked_prefill else n
+        return out
+
     def first_needed_block(self, pos: int) -> int:
         """First local block a query at `pos` (or later) can read."""
         return (pos // self.chunk_size) * self.chunk_size // self.block_size

@@ -77,13 +77,24 @@ class LLMEngine:
         self.num_blocks = num_blocks
         self.block_manager = BlockManager(config.cache.block_size, num_blocks,
                                           mc.hf_config.attention_chunk_size, config.cache.enable_prefix_caching)
-        need = self.block_manager.blocks_needed(self.max_model_len)
+        # One max_model_len sequence alone must always progress at the chunk sizes the scheduler
+        # uses: it caps a step at what the pools can hold (BlockManager.max_chunk_tokens), so with
+        # chunked prefill the local group needs only one chunk window; without it, whole prompts.
+        sc = config.scheduler
+        need = self.block_manager.min_blocks_to_progress(self.max_model_len, sc.enable_chunked_prefill)
         short = {g: (need[g], n) for g, n in num_blocks.items() if n < need[g]}
         if short:
             executor.shutdown()
-            raise ValueError(f"the KV cache is too small for one sequence of max_model_len={self.max_model_len}: "
+            raise ValueError(f"the KV cache is too small for one sequence of max_model_len={self.max_model_len}"
+                             f"{'' if sc.enable_chunked_prefill else ' without chunked prefill'}: "
                              f"(needed, available) blocks per group {short}; lower max_model_len or give "
                              "the cache more memory")
+        step = min(sc.max_num_batched_tokens, self.max_model_len)
+        full_step = self.block_manager.min_blocks_to_progress(step, chunked_prefill=False)
+        small = {g: (full_step[g], n) for g, n in num_blocks.items() if n < full_step[g]}
+        if small:
+            logger.warning("the KV cache cannot hold a full prefill chunk of %d tokens ((needed, available) "
+                           "blocks per group %s): long prompts are prefilled in smaller chunks", step, small)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, RequestState] = {}
         self._seq_counter = itertools.count()

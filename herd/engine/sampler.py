@@ -106,13 +106,34 @@ def _ban(logits: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
 
 def apply_bad_words(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     """Ban the last token of a bad word when the output already ends with the rest of it."""
-    pairs = []
+    r_idx: list[int] = []
+    c_idx: list[int] = []
     for i, r in enumerate(rows):
-        for seq in r.params.bad_words_token_ids or ():
-            prefix, out = seq[:-1], r.output_token_ids
-            if len(out) >= len(prefix) and out[len(out) - len(prefix):] == prefix:
-                pairs.append((i, seq[-1]))
-    _ban(logits, pairs)
+        index = r.params.bad_words_index
+        if index is None:
+            if r.params.bad_words_token_ids:  # params tokenized elsewhere: build the index once
+                index = r.params.bad_words_index = _bad_words_index(r.params.bad_words_token_ids)
+            else:
+                continue
+        # one dict look-up per distinct prefix length, not one comparison per bad word
+        out = r.output_token_ids
+        for length, by_prefix in index.items():
+            if len(out) >= length:
+                last = by_prefix.get(tuple(out[len(out) - length:]))
+                if last:
+                    r_idx += [i] * len(last)
+                    c_idx += last
+    if r_idx:
+        r_t, c_t = _index(r_idx, c_idx, logits.device)
+        keep = (c_t >= 0) & (c_t < logits.shape[1])
+        logits[r_t[keep], c_t[keep]] = float("-inf")
+
+
+def _bad_words_index(sequences) -> dict[int, dict[tuple[int, ...], list[int]]]:
+    index: dict[int, dict[tuple[int, ...], list[int]]] = {}
+    for ids in sequences:
+        index.setdefault(len(ids) - 1, {}).setdefault(tuple(ids[:-1]), []).append(ids[-1])
+    return index
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -208,12 +229,27 @@ def apply_top_k_top_p(x: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor |
     return torch.empty_like(x).scatter_(1, order, sorted_x)
 
 
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the largest float32 logit, ties going to the lowest token id on every
+    device and backend (not left to how a reduction kernel happens to split the row). Rows with a
+    tie (rare) are resolved exactly; a row holding NaN keeps torch.argmax's pick (a NaN)."""
+    x = logits.float()
+    out = x.argmax(dim=-1)
+    top = x.gather(1, out.unsqueeze(1))
+    tied = ((x == top).sum(dim=-1) > 1).nonzero().squeeze(1)
+    if tied.numel():
+        sub = x[tied]
+        ids = torch.arange(x.shape[-1], device=x.device)
+        out[tied] = torch.where(sub == top[tied], ids, x.shape[-1]).amin(dim=-1)
+    return out
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Greedy rows take the argmax; random rows race probs / Exponential(1) noise."""
     dev, vocab = logits.device, logits.shape[1]
     random_rows = [i for i, r in enumerate(rows) if not r.params.temperature < SAMPLING_EPS]
     if len(random_rows) < len(rows):
-        out = logits.argmax(dim=-1)
+        out = greedy_argmax(logits)
         if not random_rows:
             return out
     else:

@@ -13,6 +13,11 @@ logger = logging.getLogger(__name__)
 SAMPLING_EPS = 1e-5
 # Smaller positive temperatures overflow logits / temperature; they are raised to this.
 MIN_TEMPERATURE = 1e-2
+# Most bad_words one request may give: each is tokenized twice in add_request (on the engine
+# thread) and checked against the output every step, so the count bounds both costs.
+MAX_BAD_WORDS = 1024
+# OpenAI's range for a logit_bias value.
+MAX_LOGIT_BIAS = 100.0
 
 
 class SamplingParamsError(ValueError):
@@ -53,6 +58,9 @@ class SamplingParams:
     eos_token_id: int | None = field(default=None, init=False, repr=False)
     all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
     bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False)
+    # bad_words_token_ids indexed for the sampler: prefix length -> {prefix: banned last tokens}
+    bad_words_index: dict[int, dict[tuple[int, ...], list[int]]] | None = field(
+        default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if 0 < self.temperature < MIN_TEMPERATURE:
@@ -69,7 +77,7 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or []))
-        self.bad_words = list(dict.fromkeys(self.bad_words or []))
+        self.bad_words = _unique_strings(self.bad_words)
         if self.logprobs is True:
             self.logprobs = 1
         if self.prompt_logprobs is True:
@@ -204,7 +212,7 @@ class SamplingParams:
         """Tokenize bad_words, both as written and with a leading space (word-initial form)."""
         if not self.bad_words:
             return
-        sequences: list[list[int]] = []
+        sequences: dict[tuple[int, ...], None] = {}  # insertion-ordered set: linear de-duplication
         for word in self.bad_words:
             for prefix in ("", " "):
                 ids = tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
@@ -213,9 +221,12 @@ class SamplingParams:
                         raise SamplingParamsError(
                             "bad_words entries must tokenize to at least one token.", "bad_words")
                     continue
-                if ids not in sequences:
-                    sequences.append(ids)
-        self.bad_words_token_ids = sequences
+                sequences.setdefault(tuple(ids), None)
+        self.bad_words_token_ids = [list(ids) for ids in sequences]
+        index: dict[int, dict[tuple[int, ...], list[int]]] = {}
+        for ids in sequences:
+            index.setdefault(len(ids) - 1, {}).setdefault(ids[:-1], []).append(ids[-1])
+        self.bad_words_index = index
 
     # ---- copies -------------------------------------------------------------------------------
     def clone(self) -> "SamplingParams":
@@ -230,15 +241,46 @@ class SamplingParams:
         return child
 
 
+def _unique_strings(words) -> list[str]:
+    """bad_words as a list of distinct strings, in order; at most MAX_BAD_WORDS of them."""
+    if words is None:
+        return []
+    if isinstance(words, str):
+        words = [words]
+    words = list(words)
+    if any(not isinstance(w, str) for w in words):
+        raise SamplingParamsError("bad_words must be a list of strings.", "bad_words")
+    unique = list(dict.fromkeys(words))
+    if len(unique) > MAX_BAD_WORDS:
+        raise SamplingParamsError(f"bad_words may contain at most {MAX_BAD_WORDS} distinct words, got "
+                                  f"{len(unique)}.", "bad_words")
+    return unique
+
+
 def _int_keys(logit_bias: dict) -> dict[int, float]:
-    """JSON gives logit_bias keys as strings; accept anything int() understands."""
-    out, bad = {}, []
+    """JSON gives logit_bias keys as strings; accept anything int() understands. Values must be
+    finite numbers in OpenAI's range [-100, 100]."""
+    if not isinstance(logit_bias, dict):
+        raise SamplingParamsError("logit_bias must be a mapping of token ids to numbers.", "logit_bias")
+    out, bad, bad_values = {}, [], []
     for key, value in logit_bias.items():
         try:
-            out[int(key)] = float(value)
-        except (TypeError, ValueError):
+            token = int(key)
+        except (TypeError, ValueError, OverflowError):
             bad.append(key)
+            continue
+        try:
+            bias = float(value)
+        except (TypeError, ValueError, OverflowError):
+            bias = math.nan
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:  # NaN fails this too
+            bad_values.append(key)
+        out[token] = bias
     if bad:
         raise SamplingParamsError(f"logit_bias contains key(s) that cannot be converted to integer "
                                   f"token IDs: {bad!r}", "logit_bias")
+    if bad_values:
+        raise SamplingParamsError(f"logit_bias values must be finite numbers in [-{MAX_LOGIT_BIAS:g}, "
+                                  f"{MAX_LOGIT_BIAS:g}]; got {[logit_bias[k] for k in bad_values[:5]]!r} "
+                                  f"for token id(s) {bad_values[:5]!r}", "logit_bias")
     return out

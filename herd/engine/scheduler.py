@@ -54,6 +54,15 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of `seq` to compute this step: what is left, within the budget, and never more
+        than the KV pools could hold for it even if it were alone (a chunk needing more local
+        blocks than the pool has would otherwise wait forever; a smaller one makes progress and
+        frees the blocks its chunk window leaves behind). Should no token fit at all (pools below
+        the engine's start-up check), the uncapped count is returned and allocation fails as before."""
+        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        return self.block_manager.max_chunk_tokens(seq, n) or n
+
     def schedule(self) -> ScheduledBatch:
         budget = self.budget
         seqs, counts = [], []
@@ -62,7 +71,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
             while not self.block_manager.allocate_slots(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -83,13 +92,12 @@ class Scheduler:
             if seq.num_computed_tokens == 0:
                 self.block_manager.get_computed_blocks(seq)
             remaining = seq.num_tokens - seq.num_computed_tokens
-            if not self.chunked_prefill and remaining > budget or not self.block_manager.allocate_slots(
-                    seq, min(remaining, budget)):
+            n = self._chunk(seq, budget)
+            if not self.chunked_prefill and n < remaining or not self.block_manager.allocate_slots(seq, n):
                 # give back prefix-cache blocks taken for it, or waiting sequences could hoard them all
                 self.block_manager.free(seq)
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
-            n = min(remaining, budget)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             if seq.metrics.first_scheduled_time is None:

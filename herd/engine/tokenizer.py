@@ -166,15 +166,29 @@ def check_stop_strings(output_text: str, new_char_count: int, stop: list[str],
     return stop_str, (-1 if end >= len(output_text) else end)
 
 
-def _partial_stop_length(text: str, stop: list[str]) -> int:
-    """Length of the longest tail of text that is a proper prefix of a stop string."""
+def partial_stop_length(text: str, stop: list[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of a stop string. Checked per
+    streamed chunk, so it must not grow with the text: only the last max(len(stop)) - 1
+    characters are looked at, and only where a stop string's first character occurs."""
+    longest_stop = max((len(x) for x in stop), default=0)
+    if longest_stop < 2 or not text:
+        return 0
+    tail = text[-(longest_stop - 1):]
     longest = 0
     for stop_str in stop:
-        for n in range(min(len(stop_str) - 1, len(text)), longest, -1):
-            if text.endswith(stop_str[:n]):
-                longest = n
+        if len(stop_str) < 2:
+            continue
+        first = stop_str[0]
+        p = tail.find(first, max(0, len(tail) - (len(stop_str) - 1)))
+        while p != -1 and len(tail) - p > longest:
+            if stop_str.startswith(tail[p:]):
+                longest = len(tail) - p
                 break
+            p = tail.find(first, p + 1)
     return longest
+
+
+_partial_stop_length = partial_stop_length
 
 
 # ---- incremental detokenizer -------------------------------------------------------------------

@@ -13,6 +13,8 @@ def _part_image(part: dict, load: Callable[[str], Image.Image]):
     kind = part.get("type")
     if kind == "image_pil":
         image = part.get("image_pil")
+        if image is not None and not isinstance(image, Image.Image):
+            raise ValueError(f"an image_pil content part must carry a PIL image, got {type(image).__name__}")
     elif kind in _URL_PARTS:
         ref = part.get("image_url")
         url = ref.get("url") if isinstance(ref, dict) else ref
@@ -22,7 +24,12 @@ def _part_image(part: dict, load: Callable[[str], Image.Image]):
     else:  # "image": a PIL image or a URL under "image"
         image = part.get("image")
         if isinstance(image, str):
+            if not image:
+                raise ValueError("image content part has an empty url")
             image = load(image)
+        elif image is not None and not isinstance(image, Image.Image):
+            raise ValueError(f"an image content part must carry a URL string or a PIL image, "
+                             f"got {type(image).__name__}")
     if image is None:
         raise ValueError(f"{kind} content part carries no image")
     return image

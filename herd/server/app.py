@@ -1,6 +1,7 @@
 """The FastAPI app: routes of vLLM's OpenAI-compatible server over one AsyncLLMEngine."""
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -11,16 +12,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from herd import __version__
 from herd.multimodal.media import MediaConnector
-from herd.server.cli import DEFAULT_MAX_REQUEST_BODY_BYTES
+from herd.server.cli import DEFAULT_BODY_READ_TIMEOUT, DEFAULT_MAX_REQUEST_BODY_BYTES
 from herd.server.errors import OpenAIError, error_body, install_error_handlers
 from herd.server.metrics import ServerMetrics
 from herd.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from herd.server.serving import OpenAIServing, ServerSettings
+from herd.server.serving import DEFAULT_STREAM_WRITE_TIMEOUT, OpenAIServing, ServerSettings
 from herd.server.serving_chat import OpenAIServingChat, render_chat
 from herd.server.serving_completion import OpenAIServingCompletion
 
-# Paths that need the API key (vLLM guards the same prefixes; /health and /metrics stay open).
-_GUARDED_PREFIXES = ("/v1", "/v2", "/inference")
+# Paths that need the API key: vLLM's prefixes, plus /tokenize and /detokenize, which spend
+# tokenizer time on the caller's input (/health, /metrics, /version, /ping, /load stay open).
+_GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/tokenize", "/detokenize")
 
 
 class APIKeyMiddleware:
@@ -47,12 +49,22 @@ class APIKeyMiddleware:
 
 class BodySizeLimitMiddleware:
     """413 with an OpenAI error body for requests larger than `max_bytes` (Content-Length or the
-    bytes actually received, whichever shows it first). The body is read here, at most max_bytes
-    of it, and handed on to the app unchanged."""
+    bytes actually received, whichever shows it first); 408 when the body takes longer than
+    `timeout` seconds to arrive. The body is read here, at most max_bytes of it, and handed on to
+    the app unchanged. (0 turns either limit off.)"""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout or None
+
+    async def _too_slow(self, send):
+        body = json.dumps(error_body(f"The request body did not arrive within {self.timeout:g} s "
+                                     "(--body-read-timeout).", 408)).encode()
+        await send({"type": "http.response.start", "status": 408,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
     async def _too_large(self, send):
         body = json.dumps(error_body(f"The request body is larger than the limit of {self.max_bytes} bytes "
@@ -66,20 +78,24 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+        if self.max_bytes and length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._too_large(send)
         chunks, total = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self.max_bytes:
-                return await self._too_large(send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client went away
+                        return
+                    chunk = message.get("body", b"")
+                    total += len(chunk)
+                    if self.max_bytes and total > self.max_bytes:
+                        return await self._too_large(send)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            return await self._too_slow(send)
         pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replay():
@@ -98,6 +114,7 @@ def settings_from_args(args, engine) -> ServerSettings:
         response_role=getattr(args, "response_role", "assistant"),
         log_requests=getattr(args, "enable_log_requests", False),
         api_key=getattr(args, "api_key", None),
+        stream_write_timeout=getattr(args, "stream_write_timeout", DEFAULT_STREAM_WRITE_TIMEOUT),
         media=MediaConnector(allowed_local_media_path=getattr(args, "allowed_local_media_path", None),
                              allow_remote=getattr(args, "enable_remote_media", False)))
 
@@ -117,8 +134,9 @@ def build_app(engine, args) -> FastAPI:
     install_error_handlers(app)
     # Added last = outermost: a request without the key is refused before its body is read.
     max_body = getattr(args, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES)
-    if max_body:
-        app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body)
+    body_timeout = getattr(args, "body_read_timeout", DEFAULT_BODY_READ_TIMEOUT)
+    if max_body or body_timeout:
+        app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body, timeout=body_timeout)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
 
@@ -143,7 +161,7 @@ def build_app(engine, args) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         cards = [{"id": name, "object": "model", "created": created, "owned_by": "herd",
-                  "root": settings.model_path, "parent": None, "max_model_len": base.max_model_len,
+                  "root": name, "parent": None, "max_model_len": base.max_model_len,
                   "permission": [{"id": f"modelperm-{name}", "object": "model_permission",
                                   "created": created, "allow_create_engine": False,
                                   "allow_sampling": True, "allow_logprobs": True,
@@ -161,17 +179,21 @@ def build_app(engine, args) -> FastAPI:
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
         return await chat.create_chat_completion(request, raw_request)
 
-    @app.post("/tokenize")
-    async def tokenize(request: TokenizeRequest):
-        base.model_name(request.model)
+    def _tokenize(request: TokenizeRequest) -> dict:  # in a worker thread
         tok = engine.tokenizer
         if request.messages is not None:
-            ids = render_chat(tok, settings, request)
+            ids = render_chat(tok, settings, request, base.check_prompt_chars)
         else:
+            base.check_prompt_chars(request.prompt)
             add_special = True if request.add_special_tokens is None else request.add_special_tokens
             ids = tok.encode(request.prompt, add_special_tokens=add_special)
         strs = tok.convert_ids_to_tokens(ids) if request.return_token_strs else None
         return {"count": len(ids), "max_model_len": base.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest):
+        base.model_name(request.model)
+        return JSONResponse(await asyncio.to_thread(_tokenize, request))
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest):
@@ -180,7 +202,7 @@ def build_app(engine, args) -> FastAPI:
         if bad:
             raise OpenAIError(f"Token id {bad[0]} is out of vocabulary (vocab size {base.vocab_size})",
                               param="tokens")
-        return {"prompt": engine.tokenizer.decode(request.tokens)}
+        return {"prompt": await asyncio.to_thread(engine.tokenizer.decode, request.tokens)}
 
     @app.get("/load")
     async def load():

@@ -17,6 +17,12 @@ from herd.engine.arg_utils import add_engine_args, add_model_arg, engine_kwargs,
 logger = logging.getLogger("herd.serve")
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
+# Connection limits (docs/reliability.md, "Attacks (server)").
+DEFAULT_TIMEOUT_KEEP_ALIVE = 5
+DEFAULT_HEADER_READ_TIMEOUT = 10.0
+DEFAULT_BODY_READ_TIMEOUT = 60.0
+DEFAULT_LIMIT_CONCURRENCY = 2048
+DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE = 16 * 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +48,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(g, "disable_uvicorn_access_log", action="store_true")
     flag(g, "max_request_body_bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
           help="refuse larger request bodies with 413 (0: no limit; default 32 MiB)")
+    flag(g, "timeout_keep_alive", type=int, default=DEFAULT_TIMEOUT_KEEP_ALIVE,
+         help="close an idle keep-alive connection after this many seconds (default 5)")
+    flag(g, "header_read_timeout", type=float, default=DEFAULT_HEADER_READ_TIMEOUT,
+         help="close a connection that has not sent a complete request head this many seconds after "
+              "it opened or after its previous response (slowloris; default 10)")
+    flag(g, "body_read_timeout", type=float, default=DEFAULT_BODY_READ_TIMEOUT,
+         help="answer 408 and close when a request body takes longer than this to arrive (default 60)")
+    flag(g, "limit_concurrency", type=int, default=DEFAULT_LIMIT_CONCURRENCY,
+         help="most open connections plus running requests; beyond it new requests get 503 "
+              "(0: no limit; default 2048)")
+    flag(g, "h11_max_incomplete_event_size", type=int, default=DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE,
+         help="largest request head in bytes (default 16 KiB)")
+    flag(g, "stream_write_timeout", type=float, default=60.0,
+         help="drop a streaming client that takes no data for this many seconds, aborting its "
+              "requests and freeing their KV blocks (0: wait forever; default 60)")
     flag(g, "shutdown_timeout", type=float, default=30.0,
           help="on SIGTERM stop accepting connections and let in-flight requests finish for up to "
                "this many seconds, then cancel them (default 30)")
@@ -60,6 +81,15 @@ def resolve_args(args) -> None:
             args.served_model_name = ["default"]
     if args.api_key is None:
         args.api_key = api_key_from_env()
+    elif not args.api_key.strip():
+        raise ValueError("--api-key is empty; give the key, or leave the flag out to serve without "
+                         "authentication")
+    for name in ("timeout_keep_alive", "header_read_timeout", "body_read_timeout", "limit_concurrency",
+                 "stream_write_timeout"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.h11_max_incomplete_event_size <= 0:
+        raise ValueError("--h11-max-incomplete-event-size must be > 0")
     if args.max_request_body_bytes < 0:
         raise ValueError(f"--max-request-body-bytes must be >= 0, got {args.max_request_body_bytes}")
     if args.shutdown_timeout < 0:
@@ -91,7 +121,40 @@ async def watch_engine(engine, server, interval: float = 0.5, stats_every: float
     return False
 
 
+def release_freed_memory() -> None:
+    """Give the heap pages freed while loading (checkpoint reads, dtype conversions) back to the OS;
+    glibc keeps them in its arenas otherwise. A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def uvicorn_config(app, args):
+    import uvicorn
+
+    from herd.server.timeouts import header_timeout_protocol
+
+    return uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log, timeout_keep_alive=args.timeout_keep_alive,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        http=header_timeout_protocol(args.header_read_timeout) if args.header_read_timeout else "h11",
+        limit_concurrency=args.limit_concurrency or None,
+        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size)
+
+
 def run(args) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading: no traceback
+        print("herd serve: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     import uvicorn
 
     from herd.config import EngineConfig
@@ -103,19 +166,19 @@ def run(args) -> int:
         resolve_args(args)
         config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
         engine = AsyncLLMEngine(config)
+        release_freed_memory()
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
         print(f"herd serve: error: {e}", file=sys.stderr)
         return 2
     try:
         app = build_app(engine, args)
-        server = uvicorn.Server(uvicorn.Config(
-            app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-            access_log=not args.disable_uvicorn_access_log, timeout_keep_alive=5,
-            timeout_graceful_shutdown=args.shutdown_timeout))
-        # uvicorn drains on SIGTERM, then raises the signal again with the handler found here;
-        # a no-op handler lets the engine shut down and the process exit 0 after a clean drain.
+        server = uvicorn.Server(uvicorn_config(app, args))
+        # uvicorn drains on SIGTERM and SIGINT, then raises the signal again with the handler found
+        # here; a no-op handler lets the engine shut down and the process exit 0 after a clean drain
+        # (Python's own SIGINT handler would raise KeyboardInterrupt: a traceback and status -2).
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: None)
+            signal.signal(signal.SIGINT, lambda *_: None)
         logger.info("serving %s as %s on http://%s:%d", args.model, ", ".join(app.state.settings.served_model_names),
                     f"[{args.host}]" if ":" in args.host else args.host, args.port)
 

@@ -15,6 +15,15 @@ from herd.server.errors import ParamError
 _INT64 = dict(ge=-(2 ** 63), le=2 ** 63 - 1)
 # Most samples one request may ask for (OpenAI's own limit); each is a sequence in the engine.
 MAX_N = 128
+# Per-request limits, so that what a request costs the server (event loop, engine thread, memory)
+# is proportional to its size and bounded (docs/reliability.md, "Attacks (server)").
+MAX_PROMPTS = 1024            # prompts in one /v1/completions request
+MAX_STOP_STRINGS = 64         # `stop` entries (checked against the output tail every token)
+MAX_STOP_STRING_CHARS = 256   # characters in one stop string
+MAX_BAD_WORDS = 64            # `bad_words` entries (each tokenized twice per request)
+MAX_BAD_WORD_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024     # `stop_token_ids` entries
+MAX_LOGIT_BIAS = 1024         # `logit_bias` entries (OpenAI allows 300)
 
 # Sampling fields whose default comes from the checkpoint's generation_config.json when unset.
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -47,6 +56,16 @@ def _lone_surrogate_at(value) -> str | None:
         elif isinstance(v, list):
             stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v) if isinstance(x, (str, dict, list)))
     return None
+
+
+def _check_list(name: str, items, max_items: int, max_chars: int | None = None) -> None:
+    if len(items) > max_items:
+        raise ParamError(f"`{name}` may have at most {max_items} entries, got {len(items)}.", name)
+    if max_chars is not None:
+        for x in items:
+            if isinstance(x, str) and len(x) > max_chars:
+                raise ParamError(f"each `{name}` entry may have at most {max_chars} characters, "
+                                 f"got one of {len(x)}.", name)
 
 
 class OpenAIBaseModel(BaseModel):
@@ -103,6 +122,11 @@ class _SamplingRequest(OpenAIBaseModel):
     def _check_stream(self):
         if self.n > MAX_N:
             raise ParamError(f"n must be at most {MAX_N}, got {self.n}.", "n")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        _check_list("stop", stops, MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS)
+        _check_list("bad_words", self.bad_words or [], MAX_BAD_WORDS, MAX_BAD_WORD_CHARS)
+        _check_list("stop_token_ids", self.stop_token_ids or [], MAX_STOP_TOKEN_IDS)
+        _check_list("logit_bias", self.logit_bias or {}, MAX_LOGIT_BIAS)
         if self.stream_options is not None and not self.stream:
             raise ParamError("Stream options can only be defined when `stream=True`.", "stream_options")
         if self.stream and self.prompt_logprobs is not None:
@@ -149,6 +173,8 @@ class CompletionRequest(_SamplingRequest):
         p = self.prompt
         if isinstance(p, list) and (not p or any(isinstance(x, list) and not x for x in p)):
             raise ParamError("prompt must not be empty", "prompt")
+        if isinstance(p, list) and p and not isinstance(p[0], int) and len(p) > MAX_PROMPTS:
+            raise ParamError(f"a request may have at most {MAX_PROMPTS} prompts, got {len(p)}.", "prompt")
         return self
 
     def prompts(self) -> list[str | list[int]]:

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from herd.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from herd.engine.sampling_params import SamplingParams
-from herd.engine.tokenizer import _partial_stop_length
+from herd.engine.tokenizer import partial_stop_length
 from herd.server.errors import OpenAIError
 from herd.server.metrics import ServerMetrics
 from herd.server.protocol import GENERATION_DEFAULTS
@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 # JSON has no -inf; vLLM reports impossible tokens with this floor.
 _MIN_LOGPROB = -9999.0
+# A text prompt longer than this many characters per token of max_model_len is refused before it
+# is tokenized (no tokenizer makes tokens that long on average; the limit bounds tokenizer time).
+MAX_PROMPT_CHARS_PER_TOKEN = 64
+# Default of --stream-write-timeout: a streaming client that takes no data for this long is dropped.
+DEFAULT_STREAM_WRITE_TIMEOUT = 60.0
 
 
 @dataclass
@@ -38,6 +43,7 @@ class ServerSettings:
     log_requests: bool = False
     api_key: str | None = None
     media: object | None = None          # herd.multimodal.media.MediaConnector for image_url parts
+    stream_write_timeout: float | None = DEFAULT_STREAM_WRITE_TIMEOUT  # None/0: wait forever
 
 
 @dataclass
@@ -63,7 +69,7 @@ class ChoiceCursor:
         grow into a stop string is held back (the engine cuts the stop string at the end)."""
         end = len(out.text)
         if out.finish_reason is None and params.stop and not params.include_stop_str_in_output:
-            end -= _partial_stop_length(out.text, params.stop)
+            end -= partial_stop_length(out.text, params.stop)
         end = max(end, self.text_sent)
         delta = out.text[self.text_sent:end]
         start = self.tokens_sent
@@ -95,15 +101,43 @@ def sse(obj) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+class SlowConsumerError(Exception):
+    pass
+
+
 class SSEResponse(StreamingResponse):
     """Server-sent events whose generator is always closed: a client that goes away aborts its
-    requests right away (their KV blocks are freed), not when the generator is collected."""
+    requests right away (their KV blocks are freed), not when the generator is collected.
+
+    With `write_timeout`, a client that takes no data for that long (its socket buffers are full:
+    it stopped reading) is dropped the same way, so it cannot hold a request and its KV blocks."""
 
     media_type = "text/event-stream"
 
+    def __init__(self, content, write_timeout: float | None = None, **kw):
+        super().__init__(content, **kw)
+        self.write_timeout = write_timeout or None
+
     async def __call__(self, scope, receive, send):
+        timeout = self.write_timeout
+        if timeout:
+            inner = send
+
+            async def send(message):
+                try:
+                    async with asyncio.timeout(timeout):
+                        await inner(message)
+                except TimeoutError:
+                    raise SlowConsumerError(f"the client read nothing for {timeout:g} s") from None
         try:
             await super().__call__(scope, receive, send)
+        except BaseException as e:
+            slow = [e] if isinstance(e, SlowConsumerError) else (
+                e.subgroup(SlowConsumerError).exceptions if isinstance(e, BaseExceptionGroup)
+                and e.subgroup(SlowConsumerError) else [])
+            if not slow:
+                raise
+            logger.warning("dropping a streaming client: %s (--stream-write-timeout)", slow[0])
         finally:
             await self.body_iterator.aclose()
 
@@ -166,6 +200,21 @@ class OpenAIServing:
                 "prompt or the number of requested output tokens.",
                 param="max_tokens" if requested > L else "input_tokens")
         return requested
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return MAX_PROMPT_CHARS_PER_TOKEN * self.max_model_len
+
+    def check_prompt_chars(self, text: str) -> None:
+        """Refuse a text far too long for the context before spending tokenizer time on it."""
+        if len(text) > self.max_prompt_chars:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{len(text)} characters, more than the limit of {self.max_prompt_chars} "
+                f"({MAX_PROMPT_CHARS_PER_TOKEN} per token of context).", param="input_tokens")
+
+    def sse(self, gen) -> SSEResponse:
+        return SSEResponse(gen, write_timeout=self.settings.stream_write_timeout)
 
     def prepare(self, token_ids: list[int], request, text: str | None = None) -> Prepared:
         """Length, sampling and vocabulary checks in the caller's thread: a bad request gets its

@@ -12,12 +12,13 @@ from herd.engine.tokenizer import apply_chat_template
 from herd.multimodal import extract_chat_images
 from herd.server.errors import OpenAIError, error_body, to_openai_error
 from herd.server.protocol import ChatCompletionRequest
-from herd.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, SSEResponse, UsageTracker,
+from herd.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, UsageTracker,
                                  finish_fields, now, prompt_logprobs_json, run_until_disconnect, sse)
 
 
-def render_chat(tokenizer, settings, request) -> list[int]:
-    """Chat messages -> prompt token ids (also used by /tokenize)."""
+def render_chat(tokenizer, settings, request, check_chars=None) -> list[int]:
+    """Chat messages -> prompt token ids (also used by /tokenize). CPU work: call it in a worker
+    thread. `check_chars(text)` may refuse the rendered text before it is tokenized."""
     if request.chat_template is not None and not settings.trust_request_chat_template:
         raise OpenAIError("Chat template is passed with request, but --trust-request-chat-template is "
                           "not set. Refused request with untrusted chat template.", param="chat_template")
@@ -34,6 +35,8 @@ def render_chat(tokenizer, settings, request) -> list[int]:
     except Exception as e:  # jinja2 errors from a template that does not fit these messages
         raise OpenAIError(f"the chat template failed on these messages: {type(e).__name__}: {e}",
                           param="messages") from e
+    if check_chars is not None:
+        check_chars(text)
     add_special = request.add_special_tokens if request.add_special_tokens is not None else False
     return tokenizer.encode(text, add_special_tokens=add_special)
 
@@ -52,17 +55,18 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError(f"response_format type {fmt!r} needs structured output, which this "
                               "server does not support", param="response_format")
 
-    async def _prepare_with_images(self, request: ChatCompletionRequest):
-        """Image parts are fetched and preprocessed off the event loop; the prompt's <|image|>
-        placeholders expand to the image's token layout before the length checks."""
-        messages, images = await asyncio.to_thread(extract_chat_images, request.messages,
-                                                   self.settings.media.load_image)
+    def _prepare_with_images(self, request: ChatCompletionRequest):
+        """Runs in a worker thread (never on the event loop): image parts are fetched and
+        preprocessed, the template rendered and tokenized; the prompt's <|image|> placeholders
+        expand to the image's token layout before the length checks."""
+        messages, images = extract_chat_images(request.messages, self.settings.media.load_image)
         if not images:
-            return self.prepare(render_chat(self.tokenizer, self.settings, request), request)
-        ids = render_chat(self.tokenizer, self.settings, request.model_copy(update={"messages": messages}))
-        text, ids, mm = await asyncio.to_thread(
-            self.llm.process_prompt, {"prompt_token_ids": ids, "multi_modal_data": {"image": images}},
-            SamplingParams())
+            return self.prepare(render_chat(self.tokenizer, self.settings, request, self.check_prompt_chars),
+                                request)
+        ids = render_chat(self.tokenizer, self.settings, request.model_copy(update={"messages": messages}),
+                          self.check_prompt_chars)
+        text, ids, mm = self.llm.process_prompt(
+            {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}, SamplingParams())
         prep = self.prepare(ids, request, text)
         prep.mm = mm
         return prep
@@ -86,11 +90,11 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         model = self.model_name(request.model)
         self._check_features(request)
-        prep = await self._prepare_with_images(request)
+        prep = await asyncio.to_thread(self._prepare_with_images, request)
         request_id = self.new_request_id("chatcmpl", request)
         role = self._role(request)
         if request.stream:
-            return SSEResponse(self._stream(request, prep, request_id, model, role))
+            return self.sse(self._stream(request, prep, request_id, model, role))
         finals = await run_until_disconnect(raw_request, self.collect([prep], request_id))
         if finals is None:  # the client went away
             return Response(status_code=499)

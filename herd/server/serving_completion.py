@@ -11,34 +11,78 @@ from fastapi.responses import JSONResponse, Response
 from herd.engine.sampling_params import SamplingParams
 from herd.server.errors import OpenAIError, error_body, to_openai_error
 from herd.server.protocol import CompletionRequest
-from herd.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, Prepared, SSEResponse,
+from herd.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, Prepared,
                                  UsageTracker, finish_fields, now, prompt_logprobs_json, run_until_disconnect,
                                  sse)
 
 
-# Markdown images in a completions prompt, as Llama 4 deployments send them: ![](url)
-_MD_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+# The end of a markdown image's URL: `)` or whitespace.
+_URL_END = re.compile(r"[)\s]")
+
+
+def find_md_images(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, url) of each markdown image `![alt](url)` in a completions prompt, as Llama 4
+    deployments send them: alt without `]`, url non-empty without `)` or whitespace; leftmost,
+    non-overlapping (what the regex r"!\\[[^\\]]*\\]\\(([^)\\s]+)\\)" finds). Linear time: the next
+    `]` and the next URL end are found once and reused by every candidate start before them, where
+    the regex backtracks over the rest of the text from each `![` (quadratic on `![](![](...`)."""
+    found, pos, n = [], 0, len(text)
+    close_at = end_at = -1  # the last "]" / URL end found; valid for every later start before it
+    while True:
+        i = text.find("![", pos)
+        if i < 0:
+            return found
+        if close_at < i + 2:
+            close_at = text.find("]", i + 2)
+            if close_at < 0:  # no "]" from here on: no more images
+                return found
+        j = close_at
+        if j + 1 < n and text[j + 1] == "(":
+            u = j + 2
+            if end_at < u:
+                m = _URL_END.search(text, u)
+                end_at = m.start() if m else n
+            k = end_at
+            if u < k < n and text[k] == ")":
+                found.append((i, k + 1, text[u:k]))
+                pos = k + 1
+                continue
+        pos = i + 1
+
+
+def replace_md_images(text: str, spans: list[tuple[int, int, str]], placeholder: str) -> str:
+    parts, last = [], 0
+    for start, end, _ in spans:
+        parts += [text[last:start], placeholder]
+        last = end
+    parts.append(text[last:])
+    return "".join(parts)
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    def _prepare_image_prompt(self, prompt: str, request: CompletionRequest) -> Prepared:
-        """Each ![](url) becomes <|image|> plus its image; runs off the event loop (fetch, decode, tile)."""
-        images = [self.settings.media.load_image(url) for url in _MD_IMAGE.findall(prompt)]
-        ids = self.tokenizer.encode(_MD_IMAGE.sub("<|image|>", prompt), add_special_tokens=request.add_special_tokens)
+    def _prepare_image_prompt(self, prompt: str, spans, request: CompletionRequest) -> Prepared:
+        """Each ![](url) becomes <|image|> plus its image (fetch, decode, tile)."""
+        images = [self.settings.media.load_image(url) for _, _, url in spans]
+        ids = self.tokenizer.encode(replace_md_images(prompt, spans, "<|image|>"),
+                                    add_special_tokens=request.add_special_tokens)
         _, ids, mm = self.llm.process_prompt({"prompt_token_ids": ids, "multi_modal_data": {"image": images}},
                                              SamplingParams())
         prep = self.prepare(ids, request, prompt)
         prep.mm = mm
         return prep
 
-    async def _prepare_all(self, request: CompletionRequest) -> list[Prepared]:
+    def _prepare_all(self, request: CompletionRequest) -> list[Prepared]:
+        """Tokenize and check every prompt; runs in a worker thread, never on the event loop."""
         preps = []
         images_ok = getattr(self.llm, "mm_processor", None) is not None
         for prompt in request.prompts():
-            if isinstance(prompt, str) and images_ok and _MD_IMAGE.search(prompt):
-                preps.append(await asyncio.to_thread(self._prepare_image_prompt, prompt, request))
-                continue
             if isinstance(prompt, str):
+                spans = find_md_images(prompt) if images_ok else []
+                # (image URLs, data URLs included, do not count: they are not tokenized)
+                self.check_prompt_chars(replace_md_images(prompt, spans, "<|image|>") if spans else prompt)
+                if spans:
+                    preps.append(self._prepare_image_prompt(prompt, spans, request))
+                    continue
                 ids = self.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
                 text = prompt
             else:
@@ -47,16 +91,19 @@ class OpenAIServingCompletion(OpenAIServing):
                 if bad:
                     raise OpenAIError(f"Token id {bad[0]} is out of vocabulary (vocab size {self.vocab_size})",
                                       param="prompt")
-                text = self.tokenizer.decode(ids, skip_special_tokens=False) if request.echo else None
+                if len(ids) >= self.max_model_len:  # refused by prepare() below; do not decode it
+                    text = None
+                else:
+                    text = self.tokenizer.decode(ids, skip_special_tokens=False) if request.echo else None
             preps.append(self.prepare(ids, request, text))
         return preps
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         model = self.model_name(request.model)
-        preps = await self._prepare_all(request)
+        preps = await asyncio.to_thread(self._prepare_all, request)
         request_id = self.new_request_id("cmpl", request)
         if request.stream:
-            return SSEResponse(self._stream(request, preps, request_id, model))
+            return self.sse(self._stream(request, preps, request_id, model))
         finals = await run_until_disconnect(raw_request, self.collect(preps, request_id))
         if finals is None:  # the client went away
             return Response(status_code=499)
@@ -76,6 +123,7 @@ class OpenAIServingCompletion(OpenAIServing):
         choices, usage = [], UsageTracker()
         for i, (prep, out) in enumerate(zip(preps, finals)):
             usage.update(i, out)
+            first = len(choices)
             prefix, prefix_lps = self._echo_prefix(request, prep, out)
             for o in out.outputs:
                 logprobs = None
@@ -86,8 +134,10 @@ class OpenAIServingCompletion(OpenAIServing):
                         logprobs = {k: prefix_lps[k] + logprobs[k] for k in logprobs}
                 choices.append({"index": i * request.n + o.index, "text": prefix + o.text,
                                 "logprobs": logprobs, **finish_fields(o), "prompt_logprobs": None})
-                if request.prompt_logprobs is not None:
-                    choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
+            if request.prompt_logprobs is not None and len(choices) > first:
+                # Once per prompt, on its first sample: the n samples share the prompt, and
+                # repeating them made small requests return huge responses.
+                choices[first]["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
         return {"id": request_id, "object": "text_completion", "created": now(), "model": model,
                 "choices": choices, "usage": usage.as_dict(), "system_fingerprint": None}
 
