@@ -75,47 +75,6 @@ class BodySizeLimitMiddleware:
                                       "(--max-request-body-bytes).")
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] == "http" and scope["method"] != "OPTIONS"
-                and scope["path"].startswith(_GUARDED_PREFIXES)):
-            headers = dict(scope.get("headers") or ())
-            if not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
-                body = json.dumps({"error": "Unauthorized"}).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
-
-
-class BodySizeLimitMiddleware:
-    """413 with an OpenAI error body for requests larger than `max_bytes` (Content-Length or the
-    bytes actually received, whichever shows it first); 408 when the body takes longer than
-    `timeout` seconds to arrive. The body is read here, at most max_bytes of it, and handed on to
-    the app unchanged. (0 turns either limit off.)"""
-
-    def __init__(self, app, max_bytes: int, timeout: float | None = None):
-        self.app = app
-        self.max_bytes = max_bytes
-        self.timeout = timeout or None
-
-    async def _too_slow(self, send):
-        body = json.dumps(error_body(f"The request body did not arrive within {self.timeout:g} s "
-                                     "(--body-read-timeout).", 408)).encode()
-        await send({"type": "http.response.start", "status": 408,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def _too_large(self, send):
-        body = json.dumps(error_body(f"The request body is larger than the limit of {self.max_bytes} bytes "
-                                     "(--max-request-body-bytes).", 413)).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or ()).get(b"content-length")
