@@ -2,7 +2,7 @@
 integers, all computed once per step by the runner and the backend's builder (never per layer)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,10 +32,6 @@ class CommonAttentionMetadata:
     def num_reqs(self) -> int:
         return len(self.seq_lens_cpu)
 
-    @property
-    def num_actual_tokens(self) -> int:
-        return int(self.query_start_loc_cpu[-1])
-
     @classmethod
     def from_host(cls, query_start_loc, seq_lens, block_tables: dict[str, torch.Tensor],
                   slot_mapping: dict[str, torch.Tensor], block_size: int, device=None):
@@ -58,7 +54,6 @@ class AttentionMetadata:
     per_group: dict[str, object]         # the backend's own metadata per KV group
     kv_caches: list | None = None        # per layer: (k_cache, v_cache)
     kv_scales: list | None = None        # per layer (k_scale, v_scale) floats for fp8 caches
-    extra: dict = field(default_factory=dict)
 
     @property
     def block_size(self) -> int:

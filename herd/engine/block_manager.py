@@ -82,14 +82,6 @@ class BlockManager:
     def num_free_blocks(self) -> dict[str, int]:
         return {g: p.num_free for g, p in self.pools.items()}
 
-    def blocks_needed(self, num_tokens: int) -> dict[str, int]:
-        """Blocks one sequence of this length holds at most, per group."""
-        n = -(-num_tokens // self.block_size)
-        out = {FULL: n} if FULL in self.pools else {}
-        if LOCAL in self.pools:
-            out[LOCAL] = min(n, -(-self.chunk_size // self.block_size) + 1)
-        return out
-
     def max_chunk_tokens(self, seq: Sequence, num_new_tokens: int) -> int:
         """The most of `num_new_tokens` (from seq.num_computed_tokens on) this sequence could ever
         compute in one step: what its allocation would need must fit in each whole pool, counting

@@ -117,6 +117,3 @@ class InputBatch:
         self.num_computed[rows] += n
         return StepInputs(perm, rows, n, qsl.astype(np.int32), seq_lens, input_ids, positions, slots, tables,
                           num_decodes, sample_idx, plp)
-
-    def prompt_token_ids(self, row: int, start: int, count: int) -> np.ndarray:
-        return self.token_ids[row, start:start + count]

@@ -15,7 +15,7 @@ from herd.engine.input_batch import InputBatch, StepInputs
 from herd.engine.scheduler import ScheduledBatch
 from herd.engine.scheduler_output import SchedulerOutput
 from herd.model.loader import load_model
-from herd.attention.metadata import AttentionMetadata, CommonAttentionMetadata, KVGroupMetadata
+from herd.attention.metadata import AttentionMetadata, CommonAttentionMetadata, KVGroupMetadata, group_chunks
 from herd.attention.selector import get_attn_backend
 from herd.multimodal.inputs import EncoderCache, multimodal_embeddings
 from herd.parallel.context import SINGLE, TPContext
@@ -58,9 +58,7 @@ class ModelRunner:
         self.kv_scales: list | None = None
         self.kv_dtype = KV_DTYPES.get(config.cache.kv_cache_dtype, self.dtype)
         self.attn_backend = get_attn_backend(mc.attention_backend, self.device.type)
-        self.group_chunks = {}
-        for layer in self.model.model.layers:
-            self.group_chunks[layer.self_attn.attn.group] = layer.self_attn.attn.chunk
+        self.group_chunks = group_chunks(self.model)
         # one row more than max_num_seqs: the engine's probe step runs beside a full batch
         self.input_batch = InputBatch(config.scheduler.max_num_seqs + 1, mc.max_model_len, self.block_size,
                                       self.kv_groups())
@@ -120,7 +118,7 @@ class ModelRunner:
         shape = (self.block_size, attn0.num_kv_heads, attn0.head_dim)
         self.kv_caches = []
         # One block past the pool per group: padding rows of captured decode steps write there.
-        self.scratch_block = {g: n for g, n in num_blocks.items()}
+        self.scratch_block = dict(num_blocks)
         for g in self.layer_groups:
             n = num_blocks[g] + 1
             self.kv_caches.append((torch.zeros((n, *shape), dtype=self.kv_dtype, device=self.device),

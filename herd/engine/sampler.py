@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from herd.engine.outputs import Logprob
-from herd.engine.sampling_params import SAMPLING_EPS, SamplingParams
+from herd.engine.sampling_params import SAMPLING_EPS, SamplingParams, bad_words_index
 
 # Rows per block when computing prompt logprobs, so a long prompt never makes a [T, V] fp32 copy.
 _PROMPT_LOGPROBS_CHUNK = 512
@@ -112,7 +112,7 @@ def apply_bad_words(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         index = r.params.bad_words_index
         if index is None:
             if r.params.bad_words_token_ids:  # params tokenized elsewhere: build the index once
-                index = r.params.bad_words_index = _bad_words_index(r.params.bad_words_token_ids)
+                index = r.params.bad_words_index = bad_words_index(r.params.bad_words_token_ids)
             else:
                 continue
         # one dict look-up per distinct prefix length, not one comparison per bad word
@@ -128,12 +128,6 @@ def apply_bad_words(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         keep = (c_t >= 0) & (c_t < logits.shape[1])
         logits[r_t[keep], c_t[keep]] = float("-inf")
 
-
-def _bad_words_index(sequences) -> dict[int, dict[tuple[int, ...], list[int]]]:
-    index: dict[int, dict[tuple[int, ...], list[int]]] = {}
-    for ids in sequences:
-        index.setdefault(len(ids) - 1, {}).setdefault(tuple(ids[:-1]), []).append(ids[-1])
-    return index
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

@@ -223,10 +223,7 @@ class SamplingParams:
                     continue
                 sequences.setdefault(tuple(ids), None)
         self.bad_words_token_ids = [list(ids) for ids in sequences]
-        index: dict[int, dict[tuple[int, ...], list[int]]] = {}
-        for ids in sequences:
-            index.setdefault(len(ids) - 1, {}).setdefault(ids[:-1], []).append(ids[-1])
-        self.bad_words_index = index
+        self.bad_words_index = bad_words_index(self.bad_words_token_ids)
 
     # ---- copies -------------------------------------------------------------------------------
     def clone(self) -> "SamplingParams":
@@ -239,6 +236,14 @@ class SamplingParams:
         if self.seed is not None:
             child.seed = self.seed + index
         return child
+
+
+def bad_words_index(sequences) -> dict[int, dict[tuple[int, ...], list[int]]]:
+    """Token sequences -> {prefix length: {prefix: banned last tokens}} for the sampler's check."""
+    index: dict[int, dict[tuple[int, ...], list[int]]] = {}
+    for ids in sequences:
+        index.setdefault(len(ids) - 1, {}).setdefault(tuple(ids[:-1]), []).append(ids[-1])
+    return index
 
 
 def _unique_strings(words) -> list[str]:

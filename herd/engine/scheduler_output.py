@@ -33,10 +33,6 @@ class CachedSeqData:
     # per group: (index into seq_ids, number of leading -1 entries now) for local releases
     freed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
-    @classmethod
-    def empty(cls) -> "CachedSeqData":
-        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32))
-
 
 @dataclass
 class SchedulerOutput:
@@ -53,10 +49,6 @@ class SchedulerOutput:
             return self.order_ids
         new = np.asarray([s.seq_id for s in self.new_seqs], dtype=np.int32)
         return np.concatenate([self.cached.seq_ids, new]) if len(new) else self.cached.seq_ids
-
-    @property
-    def total_tokens(self) -> int:
-        return int(self.num_scheduled_tokens.sum())
 
 
 def _small(a: list[int]) -> np.ndarray:

@@ -188,8 +188,6 @@ def partial_stop_length(text: str, stop: list[str]) -> int:
     return longest
 
 
-_partial_stop_length = partial_stop_length
-
 
 # ---- incremental detokenizer -------------------------------------------------------------------
 
@@ -292,7 +290,7 @@ class IncrementalDetokenizer:
         string at the end while the request is still running."""
         end = len(self.output_text)
         if not finished and self.stop and not self.include_stop_str_in_output:
-            end -= _partial_stop_length(self.output_text, self.stop)
+            end -= partial_stop_length(self.output_text, self.stop)
         if not delta:
             return self.output_text[:end]
         start = self._sent_offset

@@ -15,7 +15,7 @@ from herd.model.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVPa
                                VocabParallelEmbedding)
 from herd.attention.metadata import AttentionMetadata
 from herd.ops.attention import contiguous_attention_ref
-from herd.ops.moe import fused_moe_ref, silu_and_mul
+from herd.ops.moe import fused_moe, silu_and_mul
 from herd.parallel.context import SINGLE, TPContext
 
 
@@ -104,6 +104,7 @@ class Llama4MLP(nn.Module):
 
 
 class UnquantizedFusedMoEMethod:
+    use_reference = False   # True: the per-expert reference loop (tests)
     def create_weights(self, layer: "FusedMoE", dtype):
         E, D, I = layer.num_local_experts, layer.hidden_size, layer.inter_local
         layer.w13_weight = nn.Parameter(torch.empty(E, 2 * I, D, dtype=dtype), requires_grad=False)
@@ -113,12 +114,10 @@ class UnquantizedFusedMoEMethod:
         pass
 
     def apply(self, layer: "FusedMoE", x, topk_ids, topk_weights):
-        # grouped fast path (falls back to fused_moe_ref itself when _grouped_mm cannot run);
-        # an instance attribute `use_reference = True` forces the per-expert reference loop
-        from herd.ops.moe import fused_moe
+        # grouped fast path (falls back to fused_moe_ref itself when _grouped_mm cannot run)
         return fused_moe(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
                          apply_router_weight_on_input=True, expert_map=layer.expert_map,
-                         use_reference=getattr(self, "use_reference", False))
+                         use_reference=self.use_reference)
 
 
 class FusedMoE(nn.Module):

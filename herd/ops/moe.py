@@ -171,11 +171,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
     caller passing `gemm` has checked that it can run. `linear` is the reference's per-expert
     override, used when this runs fused_moe_ref: use_reference=True, or (without `gemm`) shapes or a
     dtype torch._grouped_mm cannot take."""
-    if use_reference or (gemm is None and not grouped_moe_supported(x, w13, w2)
-                         and not torch.compiler.is_compiling()):
+    grouped = gemm is not None or grouped_moe_supported(x, w13, w2)
+    if use_reference or not (grouped or torch.compiler.is_compiling()):
         return fused_moe_ref(x, w13, w2, topk_ids, topk_weights, apply_router_weight_on_input,
                              expert_map, linear)
-    if gemm is None and not grouped_moe_supported(x, w13, w2):
+    if not grouped:
         gemm = _gathered_gemm(w13, w2)  # traced graphs where the grouped kernel can't be traced
     T, k = topk_ids.shape
     r = moe_route(topk_ids, topk_weights, w13.shape[0], expert_map)

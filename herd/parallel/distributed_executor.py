@@ -2,8 +2,8 @@
 
 Rank 0 (the driver) lives in the engine process and owns sampling; ranks 1..N-1 live elsewhere.
 Each step the driver sends every worker the step's SchedulerOutput (small diffs against the
-persistent batch each runner keeps), then all ranks run the forward together (the collectives are in the model) and only
-the driver's sampled tokens are used. Any failure is fatal: the ranks' collectives are out of step
+persistent batch each runner keeps), then all ranks run the forward together (the collectives are
+in the model) and only the driver's sampled tokens are used. Any failure is fatal: the ranks' collectives are out of step
 afterwards, so the executor shuts everything down and raises an ExecutorError naming the rank.
 """
 from __future__ import annotations

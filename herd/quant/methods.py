@@ -119,7 +119,7 @@ class Fp8MoEMethod:
 
     def _grouped_gemm(self, layer, kind: str):
         E = layer.num_local_experts
-        first = layer.tp.rank * E if layer.ep else 0
+        first = self._global(layer, 0)
 
         def gemm(a: torch.Tensor, which: str, r: MoeRouting) -> torch.Tensor:
             wq, ws = getattr(layer, f"{which}_weight"), getattr(layer, f"{which}_weight_scale")
