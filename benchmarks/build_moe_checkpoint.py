@@ -32,7 +32,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def default_tokenizer_dir() -> str:
-    from herd.engine.llm import default_model_path
+    from herd.hub.default import default_model_path
     return default_model_path()
 
 

@@ -25,7 +25,8 @@ import torch  # noqa: E402
 from herd.bench.datasets import random_token_requests  # noqa: E402
 from herd.bench.perplexity import free_engine  # noqa: E402
 from herd.bench.throughput import load_hf_model, run_herd, run_hf  # noqa: E402
-from herd.engine.llm import LLM, default_model_path  # noqa: E402
+from herd.engine.llm import LLM  # noqa: E402
+from herd.hub.default import default_model_path  # noqa: E402
 from herd.model.config import Llama4TextConfig  # noqa: E402
 
 

@@ -461,7 +461,7 @@ def kernel_moe_case(ctx: Ctx, *, T, top_k, fp8) -> dict:
     layer.w2_weight.data.copy_(w2)
     layer.quant_method.process_weights_after_loading(layer)
     try:
-        from herd.quant.methods import _fp8_grouped_kind
+        from herd.quant.methods.fp8 import _fp8_grouped_kind
         kind = _fp8_grouped_kind(x, D, I) or "reference loop"
     except Exception:  # noqa: BLE001 (a private helper; only for the report)
         kind = "unknown"

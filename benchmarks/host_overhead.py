@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.num_seqs, args.context, args.steps, args.warmup_steps, args.real_forward_steps = 8, 512, 4, 2, 1
     C.apply_threads(args.threads)
-    from herd.engine.llm import default_model_path
+    from herd.hub.default import default_model_path
 
     path = args.bench_model or default_model_path()
     kw = C.herd_kwargs(args, drop=("max_num_seqs", "max_model_len"))

@@ -6,7 +6,7 @@ Both engines run the same F32 GGUF file at the same batch sizes and thread count
              -c <max B * (64 + 128)> -kvu -lm none -fit off -ctk f32 -ctv f32; its S_PP column (B * 64 prompt
              tokens / time to process all prompts) and S_TG column (B * 128 / time of the 128 decode
              steps that follow) are parsed from its table.
-  herd       the same GGUF converted by herd (herd.model.gguf, fp32), B random prompts of 64 tokens
+  herd       the same GGUF converted by herd (herd.gguf.convert, fp32), B random prompts of 64 tokens
              submitted at once to the engine (max_num_seqs = B, max_num_batched_tokens >= B * 64 so
              every prompt is processed in one step, as llama-batched-bench processes all prompts
              before decoding), greedy, EOS ignored, 128 tokens each; the engine is stepped by hand:
@@ -28,7 +28,7 @@ network features):
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \\
         -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DBUILD_SHARED_LIBS=OFF
     cmake --build build --target llama-batched-bench llama-quantize -j 2
-    ./build/bin/llama-quantize --allow-requantize "$(python -m herd.model.smollm2)" \\
+    ./build/bin/llama-quantize --allow-requantize "$(python -m herd.hub.smollm2)" \\
         SmolLM2-135M-Instruct.F32.gguf F32
 
 (this script runs that llama-quantize step itself when --gguf does not exist yet).

@@ -14,8 +14,8 @@ SUBCOMMANDS = {
     "generate": ("herd.engine.cli_generate", "generate a completion for one prompt"),
     "chat": ("herd.engine.cli_chat", "interactive chat in the terminal (streams)"),
     "plan": ("herd.plan.cli", "will this model fit on these accelerators, and how fast at best"),
-    "calibrate": ("herd.quant.calibrate_cli", "INC-compatible FP8 calibration (measure, unify, scales)"),
-    "quantize": ("herd.quant.quantize_cli", "one-shot FP8 export in the compressed-tensors format"),
+    "calibrate": ("herd.quant.inc.calibrate", "INC-compatible FP8 calibration (measure, unify, scales)"),
+    "quantize": ("herd.quant.compressed_tensors.quantize", "one-shot FP8 export in the compressed-tensors format"),
     "bench": ("herd.bench.cli", "serving / throughput / latency benchmarks"),
     "eval": ("herd.bench.eval_cli", "perplexity and FP8 accuracy recovery"),
 }

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from herd.model.config import Llama4TextConfig
-from herd.model.gguf import is_gguf_path
+from herd.gguf import gguf_cache_dir, is_gguf_path
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -29,13 +29,6 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str = "bfloat16",
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
     return _DTYPES[dtype]
-
-
-def gguf_cache_dir() -> str:
-    """Where converted GGUF files go: $HERD_CACHE/gguf, else $XDG_CACHE_HOME/herd/gguf, else ~/.cache/herd/gguf."""
-    root = os.environ.get("HERD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "herd")
-    return os.path.join(root, "gguf")
 
 
 def default_device() -> str:
@@ -126,7 +119,7 @@ class ModelConfig:
     def _convert_gguf(self):
         """A .gguf file becomes its converted HF folder (cached) before anything reads the model;
         float32 / float16 runs get weights dequantized to that dtype, others bf16."""
-        from herd.model.gguf import gguf_to_hf
+        from herd.gguf import gguf_to_hf
 
         source = self.model
         wanted = resolve_dtype(self.dtype) if self.dtype != "auto" else torch.bfloat16

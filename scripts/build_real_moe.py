@@ -39,8 +39,8 @@ ROUTER_SCALE = {"exact": 1e4, "distinct": 4.0}
 def smollm2_folder() -> str:
     """The converted HF folder of the installed SmolLM2 GGUF."""
     from herd.config import gguf_cache_dir
-    from herd.model.gguf import gguf_to_hf
-    from herd.model.smollm2 import INSTALL_HINT, find_smollm2_gguf
+    from herd.gguf.convert import gguf_to_hf
+    from herd.hub.smollm2 import INSTALL_HINT, find_smollm2_gguf
 
     path = find_smollm2_gguf()
     if path is None:

@@ -67,7 +67,7 @@ def mean_nll(model, ids: list[int], bos: list[int], window: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="HF checkpoint folder (e.g. the output of python -m herd.model.gguf)")
+    parser.add_argument("model", help="HF checkpoint folder (e.g. the output of python -m herd.gguf.convert)")
     parser.add_argument("--text", required=True)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--window", type=int, default=512)

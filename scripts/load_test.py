@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     url = args.url
     if url is None:
-        from herd.engine.llm import default_model_path
+        from herd.hub.default import default_model_path
         from tests.server_utils import RemoteServer
 
         server = RemoteServer(args.model or default_model_path(), [

@@ -2,7 +2,7 @@
 import torch
 
 from herd import LLM, SamplingParams
-from herd.engine.llm import default_model_path
+from herd.hub.default import default_model_path
 from tests.tiny_models import load_hf
 
 

@@ -9,7 +9,7 @@ import torch
 
 from herd import LLM, SamplingParams
 from herd.cli import main
-from herd.engine.llm import default_model_path
+from herd.hub.default import default_model_path
 
 RUTH = os.path.join(os.path.dirname(__file__), "data", "ruth_kjv.txt")  # held out from training (KJV, public domain)
 

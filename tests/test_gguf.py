@@ -11,7 +11,7 @@ import torch
 gguf = pytest.importorskip("gguf", reason="the GGUF path needs the `gguf` package (pip install 'gguf>=0.10')")
 
 from herd import LLM, SamplingParams  # noqa: E402
-from herd.model import gguf as hg  # noqa: E402
+from herd.gguf import convert as hg  # noqa: E402
 from herd.model.loader import load_model  # noqa: E402
 from tests.test_llama_dense import load_hf_llama, make_tiny_llama  # noqa: E402
 from tests.tiny_models import CHAT_TEMPLATE  # noqa: E402

@@ -78,7 +78,7 @@ def test_bias_is_rejected(key):
 
 def test_rope_styles_agree_up_to_row_permutation():
     """neox on HF rows == interleaved on llama.cpp-permuted rows (the GGUF layout)."""
-    from herd.model.gguf import permute_qk
+    from herd.gguf.convert import permute_qk
 
     d, heads = 16, 3
     q = torch.randn(7, heads, d)

@@ -7,8 +7,8 @@ from herd.model.llama4 import FusedMoE, UnquantizedFusedMoEMethod
 from herd.model.loader import load_model
 from herd.ops.fp8 import FP8_DTYPE, quantize_weight
 from herd.parallel.context import TPContext
-import herd.quant.methods as methods
-from herd.quant.methods import Fp8MoEMethod, _fp8_grouped_kind
+import herd.quant.methods.fp8 as methods
+from herd.quant.methods.fp8 import Fp8MoEMethod, _fp8_grouped_kind
 
 REF = moe.fused_moe_ref
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -316,7 +316,7 @@ class _Collector:
 def test_inc_measure_expert_amax_fast_equals_reference(ep_rank, monkeypatch):
     """INC MEASURE: the per-expert w2-input amax reduced on the device equals the loop's, idle
     experts (and other ranks' rows, uninitialized past offs[-1]) report 0."""
-    from herd.quant.inc_runtime import _ObservedMoE
+    from herd.quant.methods.inc import _ObservedMoE
     tp = TPContext(rank=ep_rank, size=2) if ep_rank is not None else TPContext()
     layer = FusedMoE(8, 64, 32, torch.float32, tp, expert_parallel=ep_rank is not None)
     x, w13, w2, ids, wts = make_inputs(21, 64, 32, layer.num_local_experts, 2, torch.float32, seed=9,

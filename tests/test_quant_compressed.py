@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from herd.cli import main as herd_main
-from herd.quant.compressed import (
+from herd.quant.compressed_tensors import (
     CompressedCheckpoint,
     CompressedTensorsFP8Config,
     fuse_expert_tensors,
@@ -19,8 +19,8 @@ from herd.quant.compressed import (
     read_compressed_config,
     split_fused_experts,
 )
-from herd.quant.compressed_calib import herd_to_hf_modules, measure_input_amax
-from herd.quant.compressed_writer import expand_ignore
+from herd.quant.compressed_tensors.calib import herd_to_hf_modules, measure_input_amax
+from herd.quant.compressed_tensors.writer import expand_ignore
 from herd.quant.observers import (
     SCALE_EPS,
     dequantize_fp8,
@@ -381,7 +381,7 @@ def test_sharded_input_and_output(tmp_path, mm_src, mm_out):
 
 
 def test_failed_export_leaves_no_partial_shards(tmp_path, mm_src, monkeypatch):
-    import herd.quant.compressed_writer as writer
+    import herd.quant.compressed_tensors.writer as writer
 
     calls = []
 
@@ -421,7 +421,7 @@ def test_static_fp8_scheme_input_scales(tmp_path):
     src = _write_checkpoint(tmp_path / "src", tensors)
     with CompressedCheckpoint(src) as c:
         assert c.config is None
-    from herd.quant.compressed_writer import SafetensorsFolder, linear_modules
+    from herd.quant.compressed_tensors.writer import SafetensorsFolder, linear_modules
 
     with SafetensorsFolder(src) as folder:
         modules = linear_modules(folder)

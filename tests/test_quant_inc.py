@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from herd.quant import calibrate_cli as cli
+from herd.quant.inc import calibrate as cli
 from herd.quant.formats import E4M3_GAUDI2, E4M3FN, ScaleDevice
 from herd.quant.inc import (PRESETS, IncNode, IncQuantConfig, MeasurementCollector, Measurements, NodeStats,
                             QuantConfigError, ScaleFile, ScaleMethod, activation_scale, backup_existing,

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from herd.model.smollm2 import INSTALL_HINT, find_smollm2_gguf
+from herd.hub.smollm2 import INSTALL_HINT, find_smollm2_gguf
 
 pytestmark = pytest.mark.skipif(find_smollm2_gguf() is None or importlib.util.find_spec("gguf") is None,
                                 reason=f"SmolLM2 is not installed ({INSTALL_HINT})")

@@ -658,7 +658,7 @@ def test_corrupt_images_are_refused():
 # -- calibration pickles --------------------------------------------------------------------------
 
 def test_calibration_pickles_load_only_from_the_given_path_with_a_warning(tmp_path, monkeypatch):
-    from herd.quant.calibrate_cli import load_dataset
+    from herd.quant.inc.calibrate import load_dataset
 
     rows = [{"system_prompt": "s", "question": "q"}]
     pkl = tmp_path / "calib.pkl"

@@ -347,7 +347,7 @@ def test_stream_holds_back_partial_stop_strings():
 def test_cli_flags(scout_dir, capsys):
     from herd.cli import build_parser
     from herd.config import EngineConfig
-    from herd.engine.llm import default_model_path
+    from herd.hub.default import default_model_path
     from herd.server.cli import engine_kwargs, resolve_args
 
     gaudi = ["serve", scout_dir, "--tensor-parallel-size", "8", "--max-model-len", "4096", "--block-size", "128",

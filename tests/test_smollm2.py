@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from herd.model.smollm2 import INSTALL_HINT, find_smollm2_gguf
+from herd.hub.smollm2 import INSTALL_HINT, find_smollm2_gguf
 
 GGUF = find_smollm2_gguf()
 pytestmark = pytest.mark.skipif(GGUF is None or importlib.util.find_spec("gguf") is None,

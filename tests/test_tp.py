@@ -194,7 +194,7 @@ def inc_config(path, mode: str, prefix) -> str:
 def test_inc_per_rank_measurements_unify_and_quantize_under_tp(scout_dir, scout_fp32, tmp_path):
     """INC MEASURE under TP=2 writes one file per rank; unified to 1 rank they hold the TP=1 values;
     QUANTIZE under TP=2 reads its rank's file and is as accurate as TP=1."""
-    from herd.quant.inc_unify import load_rank_set, unify
+    from herd.quant.inc.unify import load_rank_set, unify
 
     def measure(tp: int):
         prefix = tmp_path / f"tp{tp}" / "inc_output"

@@ -91,7 +91,7 @@ def evaluate(model: str, text: str, configs: list[tuple[str, dict]], base_kwargs
 
 def run(args) -> int:
     from herd.bench.perplexity import format_table, parse_config, recovery
-    from herd.engine.llm import default_model_path
+    from herd.hub.default import default_model_path
 
     model = resolve_model(args) or default_model_path()
     try:

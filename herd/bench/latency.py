@@ -60,7 +60,8 @@ def format_latency(result: dict) -> str:
 
 
 def run(args) -> int:
-    from herd.engine.llm import LLM, default_model_path
+    from herd.engine.llm import LLM
+    from herd.hub.default import default_model_path
 
     try:
         llm = LLM(resolve_model(args) or default_model_path(), **engine_kwargs(args))

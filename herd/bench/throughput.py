@@ -141,7 +141,7 @@ def build_requests(args, model_path: str, tokenizer=None) -> list[SampleRequest]
 
 
 def run(args) -> int:
-    from herd.engine.llm import default_model_path
+    from herd.hub.default import default_model_path
 
     model_path = resolve_model(args) or default_model_path()
     try:

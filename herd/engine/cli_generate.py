@@ -47,7 +47,7 @@ def stream(engine, request_id, prompt, params, out=sys.stdout) -> str:
 
 def run(args) -> int:
     from herd.config import EngineConfig
-    from herd.engine.llm import default_model_path
+    from herd.hub.default import default_model_path
     from herd.engine.llm_engine import LLMEngine
     from herd.engine.tokenizer import apply_chat_template
 

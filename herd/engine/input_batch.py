@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from herd.engine.scheduler_output import SchedulerOutput
+from herd.engine.protocol import SchedulerOutput
 
 
 @dataclass

@@ -15,11 +15,6 @@ from herd.multimodal.chat import extract_chat_images
 from herd.multimodal.media import MediaConnector
 
 
-def default_model_path() -> str:
-    from importlib.resources import files
-    return str(files("herd") / "assets" / "default")
-
-
 class LLM:
     """LLM(model=path, dtype=..., max_model_len=..., tensor_parallel_size=..., quantization=...,
     kv_cache_dtype=..., block_size=..., gpu_memory_utilization=..., num_kv_blocks=...,

@@ -3,7 +3,6 @@ model and samples. One runner per tensor-parallel rank."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -13,7 +12,7 @@ from herd.engine.outputs import Logprob
 from herd.engine.sampler import Sampler, SamplingRow, gather_logprobs
 from herd.engine.input_batch import InputBatch, StepInputs
 from herd.engine.scheduler import ScheduledBatch
-from herd.engine.scheduler_output import SchedulerOutput
+from herd.engine.protocol import SchedulerOutput, StepOutput
 from herd.model.loader import load_model
 from herd.attention.metadata import AttentionMetadata, CommonAttentionMetadata, KVGroupMetadata, group_chunks
 from herd.attention.selector import get_attn_backend
@@ -23,15 +22,6 @@ from herd.parallel.context import SINGLE, TPContext
 logger = logging.getLogger(__name__)
 
 KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_inc": torch.float8_e4m3fn}
-
-
-@dataclass
-class StepOutput:
-    """Per scheduled sequence: the sampled token (None for an unfinished prefill chunk), its logprobs,
-    and the prompt logprobs of the positions this step covered."""
-    sampled: list[int | None]
-    logprobs: list[dict[int, Logprob] | None]
-    prompt_logprobs: list[list[dict[int, Logprob]] | None]
 
 
 class ModelRunner:
@@ -157,7 +147,7 @@ class ModelRunner:
 
     def quant_needs_eager(self) -> bool:
         """INC MEASURE observes activations with host-side statistics in the forward."""
-        from herd.quant.inc_runtime import IncMeasureMethods
+        from herd.quant.methods.inc import IncMeasureMethods
         return isinstance(self.quant, IncMeasureMethods)
 
     def finish(self):

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from herd.config import SchedulerConfig
 from herd.engine.block_manager import BlockManager
-from herd.engine.scheduler_output import OutputTracker, SchedulerOutput
+from herd.engine.protocol import SchedulerOutput
+from herd.engine.scheduler_output import OutputTracker
 from herd.engine.sequence import Sequence, SequenceStatus
 
 

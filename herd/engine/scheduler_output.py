@@ -1,54 +1,10 @@
-"""What the scheduler tells the runners each step: small diffs against the state they keep.
-
-A sequence a runner has not seen arrives in full once (NewSeqData); afterwards only what changed
-travels: the token sampled last step, blocks appended, local blocks released, and how many tokens to
-compute now. Finished or preempted sequences are named so the runners drop them. The arrays are
-compact numpy (a decode step of 256 sequences pickles to about 3 KB)."""
+"""OutputTracker: turns the scheduler's view of each step into the diffs of herd.engine.protocol,
+remembering what every runner already holds."""
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from herd.multimodal.inputs import MultiModalSlice
-
-
-@dataclass
-class NewSeqData:
-    seq_id: int
-    token_ids: list[int]                  # every token known so far (prompt + outputs)
-    num_prompt_tokens: int
-    num_computed_tokens: int              # KV already in the cache (prefix-cache hits)
-    block_tables: dict[str, list[int]]    # KV group -> block ids (-1 freed / never allocated)
-    prompt_logprobs: bool
-
-
-@dataclass
-class CachedSeqData:
-    """Sequences the runners already hold, aligned arrays."""
-    seq_ids: np.ndarray                   # int32
-    new_token_ids: np.ndarray             # int32: the token sampled last step, -1 when none
-    # per group: (index into seq_ids, block id) of blocks appended to those tables, in order
-    new_blocks: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    # per group: (index into seq_ids, number of leading -1 entries now) for local releases
-    freed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-
-@dataclass
-class SchedulerOutput:
-    new_seqs: list[NewSeqData]
-    cached: CachedSeqData
-    order_ids: np.ndarray | None          # int32 seq ids in the batch's order; None: cached then new
-    num_scheduled_tokens: np.ndarray      # aligned with order
-    finished_seq_ids: list[int]           # drop these (finished, aborted or preempted)
-    mm: dict[int, list[MultiModalSlice]] = field(default_factory=dict)  # image rows this step writes
-
-    @property
-    def order(self) -> np.ndarray:
-        if self.order_ids is not None:
-            return self.order_ids
-        new = np.asarray([s.seq_id for s in self.new_seqs], dtype=np.int32)
-        return np.concatenate([self.cached.seq_ids, new]) if len(new) else self.cached.seq_ids
+from herd.engine.protocol import CachedSeqData, NewSeqData, SchedulerOutput
 
 
 def _small(a: list[int]) -> np.ndarray:

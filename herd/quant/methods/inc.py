@@ -16,11 +16,11 @@ from herd.model.layers import LinearBase
 from herd.model.llama4 import Attention, FusedMoE, QuantMethods
 from herd.ops.fp8 import FP8_DTYPE, FP8_MAX
 from herd.ops.moe import fused_moe, fused_moe_ref, grouped_gemm, grouped_moe_supported
-from herd.quant.inc_config import IncQuantConfig
-from herd.quant.inc_measure import MeasurementCollector
-from herd.quant.inc_nodes import MULTIMODAL_PREFIX, inc_nodes_for_module, node_weight
-from herd.quant.methods import Fp8LinearMethod, Fp8MoEMethod
-from herd.quant.inc_scales import scales_for_rank
+from herd.quant.inc.config import IncQuantConfig
+from herd.quant.inc.measure import MeasurementCollector
+from herd.quant.inc.nodes import MULTIMODAL_PREFIX, inc_nodes_for_module, node_weight
+from herd.quant.methods.fp8 import Fp8LinearMethod, Fp8MoEMethod
+from herd.quant.inc.scales import scales_for_rank
 
 logger = logging.getLogger(__name__)
 

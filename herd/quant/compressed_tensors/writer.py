@@ -18,15 +18,15 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from herd.quant.compressed_config import (
+from herd.quant.compressed_tensors.config import (
     DEFAULT_IGNORE,
     build_quantization_config,
     fp8_scheme,
     is_ignored,
     match_name,
 )
-from herd.quant.compressed_experts import expert_module_names, fused_expert_param, split_expert
-from herd.quant.compressed_reader import INDEX_FILE, SafetensorsFolder
+from herd.quant.compressed_tensors.experts import expert_module_names, fused_expert_param, split_expert
+from herd.quant.compressed_tensors.reader import INDEX_FILE, SafetensorsFolder
 from herd.quant.observers import OBSERVERS, quantize_weight, scale_from_amax
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30

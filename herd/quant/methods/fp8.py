@@ -1,11 +1,8 @@
-"""Quant methods: how a Linear or FusedMoE layer stores its weights and runs its GEMM.
-
-The model asks a factory (`linear(prefix)`, `moe(prefix)`) for each layer's method, so the model
-code never branches on precision. Factories:
+"""FP8 quant methods (online FP8 and compressed-tensors checkpoints). Factories:
   * Fp8QuantMethods: `--quantization fp8`, BF16 checkpoint quantized at load (per-channel weights,
     per-token dynamic activations), vLLM's online FP8.
   * CompressedTensorsQuantMethods: FP8 checkpoints from `herd quantize` / llm-compressor.
-  * INC static scales live in herd.quant.inc_runtime (built from QUANT_CONFIG measurements).
+  * INC static scales live in herd.quant.methods.inc (built from QUANT_CONFIG measurements).
 Weights are quantized on the CPU right after loading, before the model moves to the device.
 """
 from __future__ import annotations
@@ -206,21 +203,3 @@ class CompressedTensorsQuantMethods(QuantMethods):
         if self._ignored(prefix):
             return None
         return Fp8MoEMethod(from_checkpoint=True, static_input=self.static_input)
-
-
-def get_quant_methods(config, tp=None) -> QuantMethods:
-    """`tp` is accepted for symmetry with the executors; rank-specific work (INC files) reads the
-    model's own TPContext in post_load."""
-    q = config.quant.quantization
-    if q == "fp8":
-        return Fp8QuantMethods()
-    if q == "compressed-tensors":
-        from herd.quant.compressed_config import CompressedTensorsFP8Config
-        ct = CompressedTensorsFP8Config.from_config(config.model.hf_config.raw)
-        if ct is None:
-            raise ValueError(f"{config.model.model} has no compressed-tensors quantization_config")
-        return CompressedTensorsQuantMethods(ct)
-    if q == "inc":
-        from herd.quant.inc_runtime import get_inc_quant_methods
-        return get_inc_quant_methods(config)
-    raise ValueError(f"unsupported quantization {q!r}")

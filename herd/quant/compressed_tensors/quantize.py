@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from herd.quant.compressed_config import DEFAULT_IGNORE, SCHEME_NAMES
+from herd.quant.compressed_tensors.config import DEFAULT_IGNORE, SCHEME_NAMES
 from herd.quant.observers import OBSERVERS
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -69,7 +69,7 @@ def _input_amax(args) -> dict[str, float] | None:
             return {str(k): float(v) for k, v in json.load(f).items()}
     if not args.calib_data:
         raise ValueError("--scheme fp8 needs --calib-data FILE (or --input-amax JSON) for static activation scales")
-    from herd.quant.compressed_calib import calibrate_input_amax, load_calibration_sequences
+    from herd.quant.compressed_tensors.calib import calibrate_input_amax, load_calibration_sequences
 
     seqs = load_calibration_sequences(args.calib_data, args.model, args.num_calibration_samples, args.max_seq_length)
     amax = calibrate_input_amax(args.model, seqs, device=args.device, progress=not args.no_progress)
@@ -80,7 +80,7 @@ def _input_amax(args) -> dict[str, float] | None:
 
 
 def run(args) -> int:
-    from herd.quant.compressed_writer import quantize_checkpoint
+    from herd.quant.compressed_tensors.writer import quantize_checkpoint
 
     try:
         ignore = list(DEFAULT_IGNORE if args.ignore is None else args.ignore) + list(args.extra_ignore)

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from herd.quant.formats import (TINY_BF16, Fp8Format, ScaleDevice, hw_traits, opt_weight_candidates,
                                 pow2_ceil, qdq)
-from herd.quant.inc_config import IncQuantConfig
-from herd.quant.inc_measure import Measurements, NodeStats, read_stats_file
-from herd.quant.inc_methods import Granularity, Rounding, TensorRule, ValueType
-from herd.quant.inc_nodes import infer_node_class, is_selected, measurement_stem, scale_stem
+from herd.quant.inc.config import IncQuantConfig
+from herd.quant.inc.measure import Measurements, NodeStats, read_stats_file
+from herd.quant.inc.scale_methods import Granularity, Rounding, TensorRule, ValueType
+from herd.quant.inc.nodes import infer_node_class, is_selected, measurement_stem, scale_stem
 
 # ---- rounding -----------------------------------------------------------------------------------
 def _exponent_of_pow2(p: torch.Tensor) -> torch.Tensor:

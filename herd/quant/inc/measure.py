@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from herd.quant.inc_config import IncQuantConfig
-from herd.quant.inc_nodes import (NODE_TYPES, IncNode, inc_nodes_for_module, is_selected, measurement_stem,
+from herd.quant.inc.config import IncQuantConfig
+from herd.quant.inc.nodes import (NODE_TYPES, IncNode, inc_nodes_for_module, is_selected, measurement_stem,
                                   node_weight)
 
 

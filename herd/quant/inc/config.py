@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from herd.quant.formats import Fp8Format, ScaleDevice, fp8_format
-from herd.quant.inc_methods import (MethodSpec, ScaleMethodTable, TensorRule, dynamic_backoff)
+from herd.quant.inc.scale_methods import (MethodSpec, ScaleMethodTable, TensorRule, dynamic_backoff)
 
 DEFAULT_INC_VERSION = "3.8.1"
 

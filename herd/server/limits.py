@@ -1,0 +1,9 @@
+"""Default request and connection limits of `herd serve` (docs/reliability.md, "Attacks (server)")."""
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
+# Connection limits.
+DEFAULT_TIMEOUT_KEEP_ALIVE = 5
+DEFAULT_HEADER_READ_TIMEOUT = 10.0
+DEFAULT_BODY_READ_TIMEOUT = 60.0
+DEFAULT_LIMIT_CONCURRENCY = 2048
+DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE = 16 * 1024
