@@ -27,8 +27,12 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 
 install: $(STAMP)
 
+# `make run` chats with SmolLM2-135M-Instruct through herd's engine; RUN_MODEL=tiny-llama4 (the embedded
+# Llama 4), a checkpoint folder or a .gguf file chats with that instead; RUN_ARGS adds flags.
+RUN_MODEL ?= smollm2
+RUN_ARGS ?=
 run: $(STAMP)
-	$(VENV)/bin/herd chat
+	$(VENV)/bin/herd chat $(RUN_MODEL) $(RUN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x tests

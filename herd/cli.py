@@ -34,10 +34,42 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser | None:
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return sub.choices.get(name) if sub is not None and name else None
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, plus: positionals may come after flags (`herd generate MODEL --max-tokens 5 "hi"`),
+    and `--config FILE` (YAML, vLLM's) adds the flags the command line does not give."""
+    args, extra = parser.parse_known_args(argv)
+    sub = _subparser(parser, getattr(args, "command", None))
+    if sub is not None and getattr(args, "config", None):
+        from herd.engine.arg_utils import config_file_args
+
+        have_model = bool(getattr(args, "model_tag", None) or getattr(args, "model", None))
+        try:
+            argv = argv + config_file_args(args.config, sub, argv, have_model)
+        except ValueError as e:
+            sub.error(str(e))
+        args, extra = parser.parse_known_args(argv)
+    if sub is not None and extra and not any(x.startswith("-") for x in extra):
+        # positionals split by flags: parse the subcommand's part with flags and positionals intermixed
+        rest = argv[argv.index(args.command) + 1:]
+        try:
+            vars(args).update(vars(sub.parse_intermixed_args(rest)))
+            extra = []
+        except TypeError:  # a parser shape intermixed parsing does not support
+            pass
+    if extra:
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.version:
         from herd import __version__
         print(__version__)

@@ -1,9 +1,12 @@
 """EngineConfig: built once from CLI flags or LLM(...) kwargs and passed down.
 
-This is the only module that reads environment variables (QUANT_CONFIG, HERD_API_KEY, HERD_CACHE).
+This is the only module that reads environment variables (QUANT_CONFIG, HERD_API_KEY, HERD_CACHE,
+HERD_ALLOW_LONG_MAX_MODEL_LEN / VLLM_ALLOW_LONG_MAX_MODEL_LEN, and the Hugging Face hub's HF_HOME,
+HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, fields
 
@@ -11,6 +14,8 @@ import torch
 
 from herd.model.config import Llama4TextConfig
 from herd.gguf import gguf_cache_dir, is_gguf_path
+from herd.hub.aliases import resolve_alias
+from herd.hub.hf_cache import HubSettings, is_repo_id, resolve_repo_id
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -29,6 +34,74 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str = "bfloat16",
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
     return _DTYPES[dtype]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_settings(download_dir: str | None = None) -> HubSettings:
+    """Where Hugging Face repo ids are looked up: --download-dir, else $HF_HUB_CACHE, else
+    $HF_HOME/hub, else ~/.cache/huggingface/hub (huggingface_hub's own order)."""
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                              "huggingface")
+    cache = download_dir or env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return HubSettings(cache_dir=os.path.expanduser(cache), offline=_env_flag("HF_HUB_OFFLINE"),
+                       endpoint=env.get("HF_ENDPOINT") or "https://huggingface.co")
+
+
+def allow_long_max_model_len() -> bool:
+    return _env_flag("HERD_ALLOW_LONG_MAX_MODEL_LEN") or _env_flag("VLLM_ALLOW_LONG_MAX_MODEL_LEN")
+
+
+# Modalities --limit-mm-per-prompt may name (herd takes images; limits on the others change nothing).
+MM_MODALITIES = ("image", "video", "audio")
+# generation_config.json fields that are sampling defaults (vLLM's "auto" generation config).
+GENERATION_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def parse_json_object(value, name: str) -> dict:
+    """A dict, or JSON text of an object (CLI flags); None -> {}."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} is not valid JSON ({e}): {value!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}")
+    return dict(value)
+
+
+def parse_mm_limits(value) -> dict[str, int] | None:
+    """vLLM's --limit-mm-per-prompt: `image=10,video=0`, JSON `{"image": 10}` (an item may also be
+    `{"count": 10, ...}`) or a dict. None: no limit."""
+    if value is None or isinstance(value, dict) and not value:
+        return None
+    if isinstance(value, str) and not value.strip().startswith("{"):
+        pairs = {}
+        for item in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, count = item.partition("=")
+            if not sep:
+                raise ValueError(f"limit_mm_per_prompt: expected MODALITY=COUNT items like image=10, got {item!r}")
+            pairs[key.strip()] = count.strip()
+        value = pairs
+    value = parse_json_object(value, "limit_mm_per_prompt")
+    limits = {}
+    for modality, count in value.items():
+        if modality not in MM_MODALITIES:
+            raise ValueError(f"limit_mm_per_prompt: unknown modality {modality!r}; known: {', '.join(MM_MODALITIES)}")
+        if isinstance(count, dict):
+            count = count.get("count")
+        try:
+            limits[modality] = int(count)
+        except (TypeError, ValueError):
+            raise ValueError(f"limit_mm_per_prompt: {modality} needs a whole number, got {count!r}") from None
+        if limits[modality] < 0:
+            raise ValueError(f"limit_mm_per_prompt: {modality} must be >= 0, got {limits[modality]}")
+    return limits
 
 
 def default_device() -> str:
@@ -98,23 +171,96 @@ class ModelConfig:
     attention_backend: str | None = None      # auto | reference | sdpa | triton
     enforce_eager: bool = False               # never capture or compile (vLLM's flag)
     compilation_config: CompilationConfig | None = None
+    # herd.structured_output.StructuredOutputsConfig, or a dict / JSON text / backend name for one
+    structured_outputs_config: object = None
+    revision: str | None = None               # hub revision (branch, tag, commit) of a repo-id model
+    tokenizer_revision: str | None = None     # hub revision of a repo-id tokenizer
+    download_dir: str | None = None           # hub cache repo ids are read from / downloaded to
+    limit_mm_per_prompt: dict[str, int] | None = None   # most images (etc.) per prompt; None: no limit
+    generation_config: str = "auto"           # auto: the model's generation_config.json; vllm: none; or a folder
+    override_generation_config: dict | None = None      # on top of it, e.g. {"temperature": 0.6}
     hf_config: Llama4TextConfig | None = None
     torch_dtype: torch.dtype = torch.bfloat16
 
     def finalize(self, device: str):
         self.compilation_config = CompilationConfig.parse(self.compilation_config)
+        from herd.structured_output.config import StructuredOutputsConfig
+        self.structured_outputs_config = StructuredOutputsConfig.parse(self.structured_outputs_config)
+        self.limit_mm_per_prompt = parse_mm_limits(self.limit_mm_per_prompt)
+        self.override_generation_config = parse_json_object(self.override_generation_config,
+                                                            "override_generation_config")
+        if self.generation_config not in ("auto", "vllm") and not os.path.isdir(self.generation_config):
+            raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder with a generation_config.json; "
+                             f"{self.generation_config!r} is none of them")
+        if self.hf_config is None:
+            self.model = self.resolve_source(self.model, self.revision, "model")
+        if self.tokenizer is not None and self.tokenizer != self.model:
+            self.tokenizer = self.resolve_source(self.tokenizer, self.tokenizer_revision, "tokenizer")
         if self.hf_config is None and is_gguf_path(self.model):
             self._convert_gguf()
         if self.hf_config is None:
             self.hf_config = Llama4TextConfig.from_pretrained(self.model)
+        if "attn_temperature_tuning" in self.override_generation_config:  # vLLM's Llama 4 override
+            self.hf_config.attn_temperature_tuning = bool(self.override_generation_config["attn_temperature_tuning"])
         self.torch_dtype = resolve_dtype(self.dtype, self.hf_config.torch_dtype, device)
-        limit = self.hf_config.max_position_embeddings
-        if self.max_model_len is None:
-            self.max_model_len = min(limit, 8192)
-        if self.max_model_len <= 0:
-            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        self._verify_max_model_len(self.hf_config.max_position_embeddings)
         if self.tokenizer is None:
             self.tokenizer = self.model
+
+    def resolve_source(self, name: str, revision: str | None, what: str) -> str:
+        """A model or tokenizer name -> what the loaders read. In order: an existing path stays as
+        it is; a short name (herd.hub.aliases) becomes its path; a .gguf name is converted later; a
+        Hugging Face repo id becomes its snapshot folder in the hub cache (downloaded only when not
+        cached, the hub is reachable and not offline)."""
+        if os.path.exists(name):
+            return name
+        alias = resolve_alias(name)
+        if alias is not None:
+            return alias
+        if is_gguf_path(name):
+            return name
+        if not is_repo_id(name):
+            raise FileNotFoundError(f"{what} {name!r} does not exist: it is neither a local folder or file nor "
+                                    "a Hugging Face repo id (org/name)")
+        return resolve_repo_id(name, revision, hub_settings(self.download_dir), what)
+
+    def _verify_max_model_len(self, limit: int):
+        """vLLM's rule: default min(context, 8192) here; above the model's context only when
+        HERD_ALLOW_LONG_MAX_MODEL_LEN (or VLLM_ALLOW_LONG_MAX_MODEL_LEN) is set."""
+        if self.max_model_len in (None, "auto", -1):
+            self.max_model_len = min(limit, 8192)
+        if not isinstance(self.max_model_len, int) or isinstance(self.max_model_len, bool):
+            raise ValueError(f"max_model_len must be a whole number of tokens or 'auto', got {self.max_model_len!r}")
+        if self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.max_model_len > limit and not allow_long_max_model_len():
+            raise ValueError(
+                f"User-specified max_model_len ({self.max_model_len}) is greater than the derived max_model_len "
+                f"(max_position_embeddings={limit} in the model's config.json). To allow overriding this "
+                "maximum, set the env var HERD_ALLOW_LONG_MAX_MODEL_LEN=1 (or VLLM_ALLOW_LONG_MAX_MODEL_LEN=1); "
+                "positions past the trained context give wrong outputs")
+
+    def try_get_generation_config(self) -> dict:
+        """generation_config.json of the model ('auto', 'vllm') or of the `generation_config` folder;
+        {} when there is none."""
+        folder = self.model if self.generation_config in ("auto", "vllm") else self.generation_config
+        path = os.path.join(folder, "generation_config.json")
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def generation_defaults(self) -> dict:
+        """What the engine takes from the generation config: its EOS ids always; its sampling
+        defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) unless
+        generation_config is 'vllm'; override_generation_config on top (vLLM's semantics)."""
+        cfg = self.try_get_generation_config()
+        if self.generation_config == "vllm":
+            cfg = {k: v for k, v in cfg.items() if k not in GENERATION_SAMPLING_FIELDS}
+        cfg.update(self.override_generation_config or {})
+        if "max_tokens" in cfg:  # vLLM's name for max_new_tokens in overrides
+            cfg["max_new_tokens"] = cfg.pop("max_tokens")
+        return cfg
 
     def _convert_gguf(self):
         """A .gguf file becomes its converted HF folder (cached) before anything reads the model;
@@ -245,3 +391,9 @@ def api_key_from_env() -> str | None:
                              "without authentication")
         return value
     return None
+
+
+def cuda_visible_devices() -> list[str] | None:
+    """$CUDA_VISIBLE_DEVICES as a list, None when unset: data-parallel engine cores each take a slice."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if value is None else [d.strip() for d in value.split(",") if d.strip()]

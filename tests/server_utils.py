@@ -21,14 +21,16 @@ def free_port() -> int:
 
 
 class RemoteServer:
-    """`python -m herd.cli serve MODEL ARGS` on a free port; waits for /health."""
+    """`python -m herd.cli serve MODEL ARGS` on a free port; waits for /health. Flags in
+    $HERD_TEST_SERVER_ARGS are added to every server, e.g. `--frontend-multiprocessing` to run a
+    server suite against the split server (engine core in its own process)."""
 
     def __init__(self, model: str, args: list[str], api_key: str | None = None, timeout: float = 120.0):
         self.port = free_port()
         self.api_key = api_key
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "herd.cli", "serve", model, "--host", "127.0.0.1",
-               "--port", str(self.port), *args]
+               "--port", str(self.port), *args, *os.environ.get("HERD_TEST_SERVER_ARGS", "").split()]
         if api_key:
             cmd += ["--api-key", api_key]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -50,8 +52,9 @@ class RemoteServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        log = self.read_log()  # before stop(), which removes the log file
         self.stop()
-        raise TimeoutError(f"server did not become healthy in {timeout}s:\n{self.read_log()}")
+        raise TimeoutError(f"server did not become healthy in {timeout}s:\n{log}")
 
     def read_log(self) -> str:
         with open(self.log.name, encoding="utf-8", errors="replace") as f:

@@ -94,6 +94,31 @@ def test_bad_words_count_is_capped():
         SamplingParams(bad_words=["ok", 3])
 
 
+@pytest.mark.parametrize("route", ["completion", "chat"])
+def test_server_and_engine_agree_on_the_bad_words_cap(route):
+    """What the HTTP request models accept is what SamplingParams accepts: MAX_BAD_WORDS distinct
+    words (repeats free); one more is refused by both, the server's as a 400 on `bad_words`."""
+    from pydantic import ValidationError
+
+    from herd.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    def request(words):
+        if route == "chat":
+            return ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], bad_words=words)
+        return CompletionRequest(prompt="x", bad_words=words)
+
+    at_cap = [f"w{i}" for i in range(MAX_BAD_WORDS)] + ["w0", "w1"]
+    params = request(at_cap).to_sampling_params(4, {})
+    assert len(params.bad_words) == MAX_BAD_WORDS
+    over = [f"w{i}" for i in range(MAX_BAD_WORDS + 1)]
+    with pytest.raises(SamplingParamsError):
+        SamplingParams(bad_words=over)
+    with pytest.raises(ValidationError) as e:
+        request(over)
+    cause = e.value.errors()[0]["ctx"]["error"]
+    assert cause.parameter == "bad_words" and f"at most {MAX_BAD_WORDS}" in str(cause)
+
+
 def test_bad_words_at_the_cap_are_cheap_in_add_request(scout_dir):
     llm = make_llm(scout_dir)
     eng = llm.llm_engine

@@ -18,6 +18,7 @@ import time
 import httpx
 import pytest
 
+from herd.engine.sampling_params import MAX_BAD_WORDS
 from tests.server_utils import REPO, RemoteServer
 
 KEY = "sk-attacks"
@@ -39,7 +40,8 @@ ARGS = ["--dtype", "float32", "--device", "cpu", "--block-size", "4", "--num-kv-
 def mm_dir(tmp_path_factory):
     from tests.tiny_models import make_tiny_multimodal_checkpoint
 
-    return make_tiny_multimodal_checkpoint(tmp_path_factory.mktemp("attacks_mm"), "scout")
+    return make_tiny_multimodal_checkpoint(tmp_path_factory.mktemp("attacks_mm"), "scout",
+                                           max_position_embeddings=MAX_MODEL_LEN)  # the server's context fits
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +250,7 @@ def test_request_limits_are_400s(server):
     long_stop = {"prompt": "x", "max_tokens": 2, "stop": ["s" * 257]}
     cases = [
         (too_many_stops, "stop"), (long_stop, "stop"),
-        ({"prompt": "x", "max_tokens": 2, "bad_words": [f"w{i}" for i in range(65)]}, "bad_words"),
+        ({"prompt": "x", "max_tokens": 2, "bad_words": [f"w{i}" for i in range(MAX_BAD_WORDS + 1)]}, "bad_words"),
         ({"prompt": "x", "max_tokens": 2, "stop_token_ids": list(range(1025))}, "stop_token_ids"),
         ({"prompt": "x", "max_tokens": 2, "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
         ({"prompt": ["x"] * 1025, "max_tokens": 1}, "prompt"),

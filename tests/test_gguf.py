@@ -230,6 +230,22 @@ def test_f32_gguf_converts_exactly(tiny_llama, tmp_path):
         assert json.load(f)["eos_token_id"] in (2, [2], [2, 5])
 
 
+def test_cached_files_are_readable_by_others(tiny_llama, tmp_path):
+    """Every file of the converted folder is 0644 like herd quantize's output (safetensors writes
+    0600), whatever the umask; the folder itself keeps the umask's mode."""
+    import stat
+
+    path = gguf_from_hf(tiny_llama, tmp_path / "tiny-f32.gguf")
+    old = os.umask(0o077)
+    try:
+        folder = hg.gguf_to_hf(path, tmp_path / "cache", dtype="float32", progress=False)
+    finally:
+        os.umask(old)
+    modes = {f: stat.S_IMODE(os.stat(os.path.join(folder, f)).st_mode) for f in os.listdir(folder)}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o644), {f: oct(m) for f, m in modes.items()}
+
+
 def test_quantized_gguf_through_engine(tiny_llama, tmp_path, monkeypatch):
     """Q8_0 / Q4_0 / Q4_1 / F16 tensors: converted weights are the dequantized ones, herd on the
     folder matches transformers on the folder, and LLM("x.gguf") runs the same model."""

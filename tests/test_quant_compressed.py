@@ -239,19 +239,20 @@ def test_config_json_contents(mm_src, mm_out):
         src_cfg = json.load(f)
     qc = cfg.pop("quantization_config")
     assert cfg == src_cfg  # everything else is preserved
+    # the keys llm-compressor 0.14 (compressed-tensors 0.19) writes; both sort them (json sort_keys)
+    args = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None}
+    rest = {"block_structure": None, "actorder": None, "scale_dtype": None, "zp_dtype": None}
     assert qc == {
         "config_groups": {"group_0": {
             "targets": ["Linear"],
-            "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
-                        "group_size": None, "block_structure": None, "dynamic": False, "actorder": None,
-                        "observer": "mse", "observer_kwargs": {}},
-            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
-                                  "group_size": None, "block_structure": None, "dynamic": True,
-                                  "actorder": None, "observer": None, "observer_kwargs": {}},
-            "output_activations": None}},
+            "weights": {**args, "strategy": "channel", **rest, "dynamic": False, "observer": "mse",
+                        "observer_kwargs": {}},
+            "input_activations": {**args, "strategy": "token", **rest, "dynamic": True, "observer": None,
+                                  "observer_kwargs": {}},
+            "output_activations": None, "format": "float-quantized"}},
         "format": "float-quantized", "global_compression_ratio": None, "ignore": result.ignored,
         "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
-        "sparsity_config": {}, "transform_config": {}, "version": "0.9.3",
+        "sparsity_config": {}, "transform_config": {}, "version": "0.19.0",
     }
     for side in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         assert os.path.isfile(os.path.join(out, side))
@@ -440,7 +441,7 @@ def test_static_fp8_scheme_input_scales(tmp_path):
     result = quantize_checkpoint(src, out, scheme="fp8", input_amax=amax, observer="minmax", progress=False)
     cfg = read_compressed_config(out)
     assert cfg.is_static_input and cfg.weight_strategy == "tensor"
-    assert cfg.input_activations.strategy == "tensor" and cfg.input_activations.observer == "minmax"
+    assert cfg.input_activations.strategy == "tensor" and cfg.input_activations.observer == "static_minmax"
     ckpt = CompressedCheckpoint(out)
     for name in result.quantized:
         mod = ckpt.module(name)
@@ -488,6 +489,10 @@ def test_herd_to_hf_module_names():
     assert herd_to_hf_modules("model.layers.1.feed_forward.experts", num_experts=2)[3:] == [
         "model.layers.1.feed_forward.experts.1.gate_proj", "model.layers.1.feed_forward.experts.1.up_proj",
         "model.layers.1.feed_forward.experts.1.down_proj"]
+    # dense Llama checkpoints call the FFN `mlp`
+    assert herd_to_hf_modules("model.layers.2.feed_forward.gate_up_proj", ffn="mlp") == [
+        "model.layers.2.mlp.gate_proj", "model.layers.2.mlp.up_proj"]
+    assert herd_to_hf_modules("model.layers.2.self_attn.o_proj", ffn="mlp") == ["model.layers.2.self_attn.o_proj"]
 
 
 def test_is_layer_skipped_for_herd_fused_modules(mm_out):
@@ -701,3 +706,158 @@ def test_cli_static_scheme_calibrates_with_herd(hf_tiny, tmp_path):
                       "--observer", "minmax", "--no-progress"]) == 0
     a, b = _all_tensors(out), _all_tensors(out2)
     assert a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+def test_compressed_tensors_reads_our_config_as_written(mm_out):
+    """compressed-tensors' own QuantizationConfig parses the block and keeps every value herd wrote
+    (per-group format, scale_dtype / zp_dtype, strategies, dynamic flags, observers)."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    from compressed_tensors.quantization import QuantizationConfig
+
+    with open(os.path.join(mm_out[0], "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    parsed = QuantizationConfig.model_validate(qc)
+    assert parsed.format == "float-quantized" and parsed.ignore == qc["ignore"]
+    group = parsed.config_groups["group_0"]
+    assert group.format == "float-quantized"
+    for side in ("weights", "input_activations"):
+        mine = qc["config_groups"]["group_0"][side]
+        theirs = getattr(group, side)
+        for key in ("num_bits", "symmetric", "group_size", "block_structure", "dynamic", "actorder",
+                    "scale_dtype", "observer"):
+            assert getattr(theirs, key) == mine[key], (side, key)
+        assert (theirs.type, theirs.strategy) == (mine["type"], mine["strategy"])
+
+
+# ----------------------------------------------------------------------------- tied embeddings
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    """A tiny dense Llama whose lm_head is tied to the embedding (no lm_head tensor), like SmolLM2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny_models import save_tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.08)
+    path = str(tmp_path_factory.mktemp("tied") / "llama")
+    model.eval().save_pretrained(path, safe_serialization=True)
+    save_tiny_tokenizer(path)
+    return path
+
+
+def test_tied_lm_head_is_kept_in_the_ignore_list(tied_llama, tmp_path, capsys):
+    out = str(tmp_path / "fp8")
+    assert herd_main(["quantize", "-m", tied_llama, "-o", out, "--ignore", "lm_head", "--observer", "minmax",
+                      "--no-progress", "--no-report"]) == 0
+    assert "lm_head is tied" in capsys.readouterr().err
+    with open(os.path.join(out, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    assert qc["ignore"] == ["lm_head"]
+    assert "lm_head.weight" not in _all_tensors(out) and "lm_head.weight_scale" not in _all_tensors(out)
+    # no pattern names it: still listed, since herd never quantizes a tied head
+    out2 = str(tmp_path / "fp8b")
+    result = quantize_checkpoint(tied_llama, out2, ignore=["re:.*self_attn"], observer="minmax", progress=False)
+    assert result.tied_lm_head == "lm_head" and result.ignored[-1] == "lm_head"
+
+
+def test_transformers_generates_herds_tied_export_like_herd(tied_llama, tmp_path):
+    """transformers + compressed-tensors load the export without a missing lm_head.weight_scale and
+    generate what herd generates from the same files. With `ignore: []` (the bug) compressed-tensors
+    would treat the tied head as a quantized Linear."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    from transformers import AutoModelForCausalLM
+
+    from herd import LLM, SamplingParams
+
+    out = str(tmp_path / "fp8")
+    quantize_checkpoint(tied_llama, out, ignore=["lm_head"], observer="minmax", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert getattr(hf.lm_head, "quantization_scheme", None) is None
+    assert getattr(hf.model.layers[0].mlp.down_proj, "quantization_scheme", None) is not None
+    assert torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+    prompt = PROMPT[0].tolist()
+    want = hf.generate(PROMPT, max_new_tokens=8, do_sample=False)[0, PROMPT.shape[1]:].tolist()
+    llm = LLM(out, dtype="float32", max_model_len=64, num_kv_blocks=16, block_size=4, enable_prefix_caching=False)
+    assert llm.llm_engine.config.quant.quantization == "compressed-tensors"
+    got = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    assert list(got) == want
+    # the failure mode: the same tensors under `ignore: []` make compressed-tensors expect lm_head scales
+    broken = str(tmp_path / "broken")
+    os.makedirs(broken)
+    for fn in os.listdir(out):
+        if fn != "config.json":
+            os.symlink(os.path.join(out, fn), os.path.join(broken, fn))
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"]["ignore"] = []
+    with open(os.path.join(broken, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    bad = AutoModelForCausalLM.from_pretrained(broken, dtype=torch.float32)
+    assert getattr(bad.lm_head, "quantization_scheme", None) is not None
+
+
+# ----------------------------------------------------------------------------- dense Llama names
+
+
+def _load_with_quant(path: str):
+    from herd.config import EngineConfig
+    from herd.model.loader import load_model
+    from herd.quant.methods import get_quant_methods
+
+    cfg = EngineConfig.from_kwargs(path, dtype="float32", device="cpu")
+    assert cfg.quant.quantization == "compressed-tensors"
+    return load_model(path, dtype=torch.float32, quant=get_quant_methods(cfg), config=cfg.model.hf_config)
+
+
+@pytest.mark.parametrize("pattern, kept", [
+    ("model.layers.0.mlp.down_proj", {(0, "down_proj")}),
+    ("re:.*mlp.*", {(i, p) for i in (0, 1) for p in ("gate_up_proj", "down_proj")}),
+])
+def test_ignore_names_dense_llama_mlp_as_the_checkpoint_does(tied_llama, tmp_path, pattern, kept):
+    """Dense Llama checkpoints (and llm-compressor ignore lists) say `mlp` where herd's decoder says
+    `feed_forward`: an ignored `mlp` module stays unquantized when herd loads the export."""
+    out = str(tmp_path / "fp8")
+    result = quantize_checkpoint(tied_llama, out, ignore=["lm_head", pattern], observer="minmax", progress=False)
+    assert "model.layers.0.mlp.down_proj" in result.ignored
+    model = _load_with_quant(out)
+    with safe_open(os.path.join(tied_llama, "model.safetensors"), "pt") as f:
+        original = {k: f.get_tensor(k) for k in f.keys()}
+    for i, layer in enumerate(model.model.layers):
+        for proj in ("gate_up_proj", "down_proj"):
+            w = getattr(layer.feed_forward, proj).weight
+            if (i, proj) in kept:
+                assert w.dtype == torch.float32, (i, proj)
+                if proj == "down_proj":
+                    assert torch.equal(w, original[f"model.layers.{i}.mlp.down_proj.weight"])
+            else:
+                assert w.dtype == torch.float8_e4m3fn, (i, proj)
+        assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    ids = PROMPT[0]
+    with torch.no_grad():
+        assert torch.isfinite(model.compute_logits(model(ids, torch.arange(ids.numel())))).all()
+
+
+def test_static_fp8_calibration_names_dense_llama_mlp(tied_llama, tmp_path):
+    """Calibrated input amax values are keyed by the checkpoint's module names (`mlp` on dense Llama),
+    which the static `fp8` export looks them up by."""
+    from herd.quant.compressed_tensors.calib import calibrate_input_amax
+
+    amax = calibrate_input_amax(tied_llama, [PROMPT[0].tolist()], dtype=torch.float32, progress=False)
+    assert {"model.layers.0.mlp.gate_proj", "model.layers.1.mlp.down_proj"} <= set(amax)
+    assert not any("feed_forward" in k for k in amax)
+    out = str(tmp_path / "fp8")
+    quantize_checkpoint(tied_llama, out, scheme="fp8", ignore=["lm_head"], input_amax=amax, observer="minmax",
+                        progress=False)
+    tensors = _all_tensors(out)
+    assert float(tensors["model.layers.1.mlp.down_proj.input_scale"]) > 0
+    assert _load_with_quant(out).model.layers[1].feed_forward.down_proj.input_scale.item() > 0

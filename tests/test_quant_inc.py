@@ -1,7 +1,9 @@
+import argparse
 import json
 import pickle
 import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,12 +12,12 @@ import torch
 
 from herd.quant.inc import calibrate as cli
 from herd.quant.formats import E4M3_GAUDI2, E4M3FN, ScaleDevice
-from herd.quant.inc import (PRESETS, IncNode, IncQuantConfig, MeasurementCollector, Measurements, NodeStats,
-                            QuantConfigError, ScaleFile, ScaleMethod, activation_scale, backup_existing,
-                            compute_scales, coverage_report, expand_experts, fill_cold_experts, format_coverage,
-                            herd_target, inc_nodes_for_module, measurement_stem, node_scales, overlapping_ranks,
-                            postprocess, scale_file_stem, scales_for_rank, unify, unify_files,
-                            weight_scale)
+from herd.quant.inc import (PRESETS, IncNode, IncQuantConfig, MeasurementCollector, Measurements, NodeNaming,
+                            NodeScales, NodeStats, QuantConfigError, ScaleFile, ScaleMethod, activation_scale,
+                            backup_existing, compute_scales, coverage_report, expand_experts, fill_cold_experts,
+                            find_measurement_sets, format_coverage, herd_target, inc_nodes_for_module,
+                            measurement_stem, node_scales, overlapping_ranks, postprocess, rank_stems,
+                            scale_file_stem, scales_for_rank, unify, unify_files, weight_scale)
 
 G2, G3, CUDA = ScaleDevice.GAUDI2, ScaleDevice.GAUDI3, ScaleDevice.CUDA
 L0 = "model.layers.0"
@@ -151,7 +153,7 @@ def test_backoff_follows_inc_version():
                 scale_params={"input_backoff": 0.5, "weight_backoff": 1.0, "output_backoff": 0.125})
     w, a, o = c.rules_for("x")
     assert (w.backoff, a.backoff, o.backoff) == (1.0, 0.5, 0.125)
-    assert activation_scale(10.0, a, G3, E4M3FN) == pytest.approx(10 / (448 * 0.5))
+    assert activation_scale(10.0, a, G3, E4M3FN) == 0.044677734375     # 10 / 224 rounded to bf16, as INC
     dyn = dict(dynamic_quantization=True, scale_method="maxabs_pcs_pow2")
     assert cfg(**dyn).rules_for("x")[1].backoff == 0.5                       # INC >= 3.8.1
     assert cfg(inc_version="3.8", **dyn).rules_for("x")[1].backoff == 1.0
@@ -174,8 +176,8 @@ def test_maxabs_hw_clamps_and_zero():
     assert activation_scale(0.0, a, G2, E4M3_GAUDI2) == 2.0 ** -8
     assert activation_scale(0.0, a, G3, E4M3FN) == 2.0 ** -55
     assert activation_scale(3.0, a, G2, E4M3_GAUDI2) == 1 / 16      # 3/60 = 0.05 -> 2^-4
-    # CUDA: any float scale is hardware aligned; zero amax gets the neutral 1
-    assert activation_scale(10.0, a, CUDA, E4M3FN) == pytest.approx(10 / 112)
+    # CUDA: any float scale is hardware aligned (computed in bf16 too); zero amax gets the neutral 1
+    assert activation_scale(10.0, a, CUDA, E4M3FN) == 0.08935546875 != 10 / 112
     assert activation_scale(0.0, a, CUDA, E4M3FN) == 1.0
 
 
@@ -187,8 +189,8 @@ def test_maxabs_pow2_and_arbitrary():
     assert float(weight_scale(w, G3, E4M3FN, amax=0.5)) == 2.0 ** -8
     assert float(weight_scale(w, G3, E4M3FN, amax=0.4375)) == 2.0 ** -9  # 0.4375/224 = 2^-9 exactly stays
     w, a, _ = rules("maxabs_arbitrary")
-    assert activation_scale(10.0, a, G3, E4M3FN) == pytest.approx(10 / 112)
-    assert float(weight_scale(w, G2, E4M3_GAUDI2, amax=0.5)) == pytest.approx(0.5 / 120)
+    assert activation_scale(10.0, a, G3, E4M3FN) == 0.08935546875     # bf16, not 10 / 112
+    assert float(weight_scale(w, G2, E4M3_GAUDI2, amax=0.5)) == 0.004180908203125
 
 
 def test_unit_and_single_scale():
@@ -351,18 +353,76 @@ def test_herd_to_inc_names():
         f"language_model.{MOE}", f"language_model.{MOE}.w13_list.0", f"language_model.{MOE}.w13_list.1",
         f"language_model.{MOE}.w2_list.0", f"language_model.{MOE}.w2_list.1"]
     assert nodes[0].num_outputs == 3 and nodes[1].class_name == "MoeMatmul"
-    kv = inc_nodes_for_module(f"{L0}.self_attn.attn", "Attention")
-    assert [n.name for n in kv] == [f"{L0}.self_attn.attn.impl.k_cache", f"{L0}.self_attn.attn.impl.v_cache"]
+    attn = inc_nodes_for_module(f"{L0}.self_attn.attn", "Attention")
+    impl = f"{L0}.self_attn.attn.impl"
+    assert [(n.name, n.class_name, n.type) for n in attn] == [
+        (f"{impl}.k_cache", "VLLMKVCache", "kv_cache"), (f"{impl}.v_cache", "VLLMKVCache", "kv_cache"),
+        (f"{impl}.matmul_qk", "Matmul", "matmul"), (f"{impl}.softmax", "Softmax", "softmax"),
+        (f"{impl}.matmul_av", "Matmul", "matmul")]
     assert inc_nodes_for_module(f"{L0}.self_attn.o_proj", "RowParallelLinear")[0].type == "row_parallel_linear"
     assert inc_nodes_for_module(f"{L0}.input_layernorm", "RMSNorm") == []
     assert herd_target(f"language_model.{MOE}.w2_list.7") == (f"{L0}.feed_forward.experts", "w2", 7)
     assert herd_target(f"{L0}.self_attn.attn.impl.v_cache") == (f"{L0}.self_attn.attn", "v_cache", None)
     assert herd_target("language_model.lm_head") == ("lm_head", "linear", None)
+    # dense Llama 1-3: vLLM's `mlp` is herd's `feed_forward`
+    dense = NodeNaming(mlp="mlp")
+    assert inc_nodes_for_module(f"{L0}.feed_forward.down_proj", "RowParallelLinear", prefix=dense)[0].name == \
+        f"{L0}.mlp.down_proj"
+    assert inc_nodes_for_module(f"{L0}.self_attn.qkv_proj", "QKVParallelLinear", prefix=dense)[0].name == \
+        f"{L0}.self_attn.qkv_proj"
+    assert herd_target(f"{L0}.mlp.gate_up_proj") == (f"{L0}.feed_forward.gate_up_proj", "linear", None)
+    assert NodeNaming.for_model(SimpleNamespace(architecture="LlamaForCausalLM", multimodal=False)) == dense
+    assert NodeNaming.for_model(SimpleNamespace(architecture="Llama4ForConditionalGeneration",
+                                                multimodal=True)) == NodeNaming("language_model.")
 
 
 def test_file_names():
     assert measurement_stem("/o/g3/inc_output", "maxabs", 3, 8) == "/o/g3/inc_output_hooks_maxabs_3_8"
     assert measurement_stem("/o/g3/inc_output") == "/o/g3/inc_output_hooks_maxabs"
+    make = lambda r, w: measurement_stem("/o/p", "maxabs", r, w)  # noqa: E731
+    # one rank: write what vLLM-HPU reads (_0_1), read the unsuffixed spelling too
+    assert rank_stems(make, None, None) == rank_stems(make, 0, 1) == ["/o/p_hooks_maxabs_0_1", "/o/p_hooks_maxabs"]
+    assert rank_stems(make, 1, 2) == ["/o/p_hooks_maxabs_1_2"]
+    assert rank_stems(make, 1, 2, separate=False) == ["/o/p_hooks_maxabs"]
+
+
+def test_single_rank_files_of_both_spellings(tmp_path):
+    """A TP=1 file from vLLM-HPU (_0_1) and one from INC without torch.distributed (no suffix) both
+    serve a single rank; herd writes _0_1 and its scale cache next to it."""
+    name = f"{L0}.self_attn.qkv_proj"
+    for spelling, written in (("_0_1", "inc_output_hooks_maxabs_MAXABS_HW_0_1.npz"),
+                              ("", "inc_output_hooks_maxabs_MAXABS_HW_0_1.npz")):
+        d = tmp_path / (spelling or "plain")
+        c = cfg(dump_stats_path=str(d / "inc_output"), device_for_scales="GAUDI3")
+        Measurements({name: NodeStats([10.0], None, 0.5)}, local_rank=0).save(str(d / "inc_output_hooks_maxabs") + spelling)
+        for rank, world in ((None, None), (0, 1)):
+            assert scales_for_rank(c, rank, world).nodes[name].inputs == [0.125]
+        assert (d / written).exists()
+    col = MeasurementCollector(cfg(mode="MEASURE", dump_stats_path=str(tmp_path / "m" / "inc_output")), 0, 1)
+    col.add_node(_node("q", "linear", "Linear"))
+    assert [p.name for p in col.save()][0] == "inc_output_hooks_maxabs_0_1.json"
+    # both spellings present: the suffixed one is the rank's file
+    Measurements({"q": NodeStats([1.0])}).save(tmp_path / "m" / "inc_output_hooks_maxabs")
+    assert find_measurement_sets(tmp_path / "m" / "inc_output")[1][0].name == "inc_output_hooks_maxabs_0_1.npz"
+
+
+def test_cuda_scales_get_their_own_cache(tmp_path):
+    """INC on Gaudi reuses any cache named after the method; herd's CUDA scales (HW_ALIGNED = any
+    float) go to <METHOD>_CUDA so they never land in a Gaudi run. INC's own cache is used by herd
+    only when there are no measurements."""
+    prefix = str(tmp_path / "inc_output")
+    name = f"{L0}.self_attn.qkv_proj"
+    Measurements({name: NodeStats([10.0], None, 0.5)}, local_rank=0).save(measurement_stem(prefix, "maxabs", 0, 1))
+    c = cfg(dump_stats_path=prefix)
+    assert scales_for_rank(c, 0, 1, device=CUDA).nodes[name].inputs == [0.08935546875]
+    assert (tmp_path / "inc_output_hooks_maxabs_MAXABS_HW_CUDA_0_1.npz").exists()
+    assert not (tmp_path / "inc_output_hooks_maxabs_MAXABS_HW_0_1.npz").exists()
+    ScaleFile({name: NodeScales([0.125], [2.0 ** -11], torch.tensor(2.0 ** -8))}).save(
+        scale_file_stem(c, 0, 1))                                           # what INC's step 4 writes
+    for p in tmp_path.glob("inc_output_hooks_maxabs_0_1*"):
+        p.unlink()
+    (tmp_path / "inc_output_hooks_maxabs_MAXABS_HW_CUDA_0_1.npz").unlink()
+    assert scales_for_rank(c, 0, 1, device=CUDA).nodes[name].inputs == [0.125]
 
 
 def _node(name, op, cls, **kw):
@@ -436,7 +496,8 @@ def test_collector_moe_and_files(tmp_path):
     assert js["Nodes"][f"{MOE}.w13_list.0"] == {"inputs": [[[0.0]]], "params": {"weight": [[0.0546875]]}}
     npz = np.load(paths[1], allow_pickle=True)["arr_0"].item()
     assert npz["Nodes"][MOE]["outputs"][3].dtype == np.float32 and npz["Nodes"][MOE]["outputs"][3].shape == (1, 1)
-    assert json.loads(paths[2].read_text()) == [n.name for n in nodes]
+    # _mod_list.json lists what INC selects: the patched-only FusedMoE, then its measured nodes
+    assert json.loads(paths[2].read_text()) == [f"{L0}.feed_forward.experts"] + [n.name for n in nodes]
     assert Measurements.load(paths[1]) == Measurements.load(paths[0]) == col.measurements()
     assert Measurements.load(str(paths[0])[:-5]).nodes[MOE].outputs[1] == 4.25     # bare stem -> npz
 
@@ -458,10 +519,13 @@ def test_sample_interval_and_unsuffixed_files(tmp_path):
     col = MeasurementCollector(cfg(mode="MEASURE", dump_stats_path=str(prefix), calibration_sample_interval=2))
     col.add_node(_node("q", "linear", "Linear"))
     col.step()
-    assert not (tmp_path / "inc_output_hooks_maxabs.json").exists()
+    assert not (tmp_path / "inc_output_hooks_maxabs_0_1.json").exists()
     col.step()
-    js = json.loads((tmp_path / "inc_output_hooks_maxabs.json").read_text())
-    assert list(js)[0] == "NumSamples" and js["NumSamples"] == 2 and js["LocalRank"] == -1
+    js = json.loads((tmp_path / "inc_output_hooks_maxabs_0_1.json").read_text())
+    assert list(js)[0] == "NumSamples" and js["NumSamples"] == 2 and js["LocalRank"] == 0
+    one = MeasurementCollector(cfg(mode="MEASURE", dump_stats_path=str(prefix), seperate_measure_files=False))
+    one.add_node(_node("q", "linear", "Linear"))
+    assert one.save()[0].name == "inc_output_hooks_maxabs.json" and one.measurements().local_rank is None
 
 
 def test_backup_existing_moves_prefixed_files(tmp_path):
@@ -692,19 +756,41 @@ def test_write_quant_configs(tmp_path):
     assert (meas.name, quant.name) == ("maxabs_measure_g3.json", "maxabs_quant_g3.json")
     assert prefix == (root / "g3" / "inc_output").resolve()
     m, q = json.loads(meas.read_text()), json.loads(quant.read_text())
+    # calibrate_model.sh's configs, plus the blocklist of the attention ops herd does not measure
+    block = {"types": [], "names": ["batch2block_matmul", "block2batch_matmul", "fused_scaled_dot_product_attention"]}
     assert m == {"method": "HOOKS", "mode": "MEASURE", "observer": "maxabs",
-                 "allowlist": {"types": [], "names": []}, "blocklist": {"types": [], "names": []},
+                 "allowlist": {"types": [], "names": []}, "blocklist": block,
                  "quantize_weight": False, "dump_stats_path": str(prefix)}
-    assert q["mode"] == "QUANTIZE" and q["scale_method"] == "maxabs_hw" and "device_for_scales" not in q
+    assert q["mode"] == "QUANTIZE" and q["scale_method"] == "maxabs_hw" and q["blocklist"] == block
     _, quant, _ = cli.write_quant_configs(root, "cuda", "maxabs_pow2")
     c = IncQuantConfig.from_json_file(quant)
-    assert quant.name == "maxabs_quant_cuda.json" and c.device_for_scales is CUDA and c.method_name == "MAXABS_POW2"
+    assert quant.name == "maxabs_quant_cuda.json" and c.method_name == "MAXABS_POW2"
+    assert c.scale_device("cuda") is CUDA and c.device_for_scales is None
+
+
+def test_written_configs_use_only_values_inc_accepts(tmp_path):
+    """INC's Fp8cfg.parse rejects device_for_scales CUDA (only GAUDI2 / GAUDI3): every enum value of
+    every config herd writes must be in the sets recorded from INC (tests/data/inc_reference.json)."""
+    ref = json.loads((Path(__file__).parent / "data" / "inc_reference.json").read_text())["fp8cfg_parse"]
+    assert ref["device_for_scales CUDA"].startswith("rejected")
+    assert all(v == "accepted" for v in ref["herd_configs_with_use_qdq"].values())
+    allowed = ref["enum_values"]
+    for dev in ("cuda", "g2", "g3"):
+        for method in ("maxabs_hw", "act_maxabs_pow2_weights_pcs_opt_pow2"):
+            for path in cli.write_quant_configs(tmp_path / dev, dev, method)[:2]:
+                for key, value in json.loads(path.read_text()).items():
+                    if key in allowed:
+                        assert str(value).upper() in allowed[key], (path.name, key, value)
 
 
 def _args(tmp_path, data, **kw):
-    base = dict(model=str(tmp_path / "Llama-4-Scout-Tiny"), dataset=str(data), output_dir=str(tmp_path / "out"),
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    base = {a.dest: a.default for a in parser._actions if a.dest != "help"}  # every flag's default
+    base.update(model=str(tmp_path / "Llama-4-Scout-Tiny"), dataset=str(data), output_dir=str(tmp_path / "out"),
                 batch_size=4, limit=6, tensor_parallel_size=2, target_ranks=None, expert_parallel=False,
-                device="cuda", scale_method="maxabs_hw", max_model_len=2048, dtype="auto")
+                device="cuda", scale_method="maxabs_hw", max_model_len=2048, dtype="auto",
+                bf16_layers="none")  # the fake measure has no model to score layers on
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -757,3 +843,100 @@ def test_run_end_to_end_with_a_fake_measure(tmp_path, monkeypatch, capsys):
     unified = Measurements.load(g / "inc_output_hooks_maxabs_3_4.npz")
     assert unified.nodes[MOE].outputs == [0.0, 2.0, 0.0, 4.0]                # rank 1's values
     assert PRESETS[ScaleMethod.MAXABS_HW].activation.backoff == 0.25
+
+
+# ================================ attention statistics (vLLM-HPU's attention ops) ===============
+def _attention_layer(chunk=None):
+    from herd.model.llama4 import Attention
+    return Attention(0, num_heads=4, num_kv_heads=2, head_dim=8, chunk=chunk)
+
+
+def test_attention_stats_match_explicit_attention():
+    from herd.quant.methods.inc_attention import attention_stats
+
+    torch.manual_seed(0)
+    layer = _attention_layer(chunk=4)
+    q, k, v = torch.randn(6, 4, 8), torch.randn(6, 2, 8) * 3, torch.randn(6, 2, 8) * 2
+    pos = torch.arange(6)
+    st = attention_stats(layer, q, k, v, pos, None)
+    qs = q * layer.scale
+    logits = torch.einsum("thd,shd->hts", qs, k.repeat_interleave(2, dim=1))
+    mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] // 4 == pos[:, None] // 4)
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    assert float(st["q"]) == pytest.approx(float(qs.abs().max()))
+    assert float(st["k"]) == float(k.abs().max()) and float(st["v"]) == float(v.abs().max())
+    assert float(st["logits"]) == pytest.approx(float(logits[mask.expand_as(logits)].abs().max()), rel=1e-5)
+    assert float(st["probs"]) == pytest.approx(float(probs.max()), rel=1e-6)
+    assert float(st["av"]) == float(st["probs"])          # no decode rows: normalised probabilities
+
+
+def test_attention_stats_over_the_paged_cache():
+    """Prefill then a decode over herd's paged KV cache: the decode row's keys come from the cache,
+    it does not touch the softmax statistics, and it sets matmul_av's input to 1 (vLLM-HPU feeds
+    exp(s - block max) there on decodes)."""
+    from herd.attention.backends.reference import ReferenceAttentionBackend
+    from herd.attention.metadata import CommonAttentionMetadata, make_metadata
+    from herd.quant.methods.inc_attention import attention_stats
+
+    torch.manual_seed(1)
+    layer = _attention_layer()
+    backend = ReferenceAttentionBackend()
+    caches = [(torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8))]
+    q, k, v = torch.randn(6, 4, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    table = {"full": torch.tensor([[0, 1]], dtype=torch.int32)}
+
+    def step(rows, first, seq_len):
+        slots = {"full": torch.arange(first, first + len(rows))}
+        common = CommonAttentionMetadata.from_host([0, len(rows)], [seq_len], table, slots, 4)
+        meta = make_metadata(backend, common, {"full": None}, caches)
+        layer(q[rows], k[rows], v[rows], torch.arange(first, first + len(rows)), meta)
+        return attention_stats(layer, q[rows], k[rows], v[rows], torch.arange(first, first + len(rows)), meta)
+
+    prefill = step(list(range(5)), 0, 5)
+    ref = attention_stats(layer, q[:5], k[:5], v[:5], torch.arange(5), None)
+    assert all(float(prefill[n]) == pytest.approx(float(ref[n]), rel=1e-6) for n in ref)
+    decode = step([5], 5, 6)
+    assert float(decode["k"]) == float(k.abs().max())     # the whole cached context
+    assert float(decode["logits"]) == 0.0 and float(decode["probs"]) == 0.0 and float(decode["av"]) == 1.0
+
+
+def test_pandas_pickle_loads_with_one_line_warnings(tmp_path, monkeypatch, capsys):
+    """`herd calibrate -d data.pkl` with a pickled DataFrame: pandas (the `calibrate` extra) reads it,
+    and the pickle warning is one readable line, not Python's two-line warning format."""
+    import tomllib
+
+    import pandas as pd
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(r.startswith("pandas") for r in extras["optional-dependencies"]["calibrate"])
+    data = tmp_path / "d.pkl"
+    pd.DataFrame(ROWS).to_pickle(data)
+    monkeypatch.setattr(cli, "load_tokenizer", lambda path: _Tok())
+    monkeypatch.setattr(cli, "measure", lambda *a, **k: None)
+    assert cli.run(_args(tmp_path, data)) == 1       # the fake measure step writes nothing
+    err = capsys.readouterr().err.splitlines()
+    warn = [line for line in err if line.startswith("warning:")]
+    assert len(warn) == 1 and "unpickling can run arbitrary code" in warn[0]
+    assert not any("warnings.warn" in line or "UserWarning" in line for line in err)
+
+
+@pytest.mark.parametrize("variant", ["scout", "maverick"])
+def test_registered_nodes_equal_what_inc_selects_in_vllm_hpu(variant, request):
+    """herd's nodes for a tiny Llama 4 (all-MoE and interleaved dense / MoE) are the modules INC's
+    should_quantize selects in vLLM-HPU's module tree, under calibrate_model.sh's config and under
+    herd's (recorded in tests/data/inc_reference.json)."""
+    from herd.model.loader import load_model
+
+    model = load_model(request.getfixturevalue(f"{variant}_dir"), dtype=torch.float32)
+    ref = json.loads((Path(__file__).parent / "data" / "inc_reference.json").read_text())["vllm_hpu_nodes"][variant]
+    for label, config in (("default", cfg(mode="MEASURE")),
+                          ("herd_config", cfg(mode="MEASURE", blocklist=cli.BLOCKLIST))):
+        col = MeasurementCollector(config)
+        nodes = [n.name for n in col.add_model(model)]
+        expected = set(ref[f"measured_{label}"])
+        if label == "default":   # herd does not measure vLLM-HPU's flat-PA block matmuls and fused SDPA
+            expected = {n for n in expected if not n.endswith(("batch2block_matmul", "block2batch_matmul",
+                                                                "fused_scaled_dot_product_attention"))}
+        assert set(nodes) == expected, label
+        assert sorted(col.mod_list) == sorted(n for n in ref[f"mod_list_{label}"] if n in expected or
+                                              n.endswith(".experts"))

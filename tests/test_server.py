@@ -362,13 +362,13 @@ def test_cli_flags(scout_dir, capsys):
     assert "not needed" in capsys.readouterr().err
     assert args.model == scout_dir and args.served_model_name is None
 
-    argv = ["serve", "--model", scout_dir, "--max_model_len", "1k", "--block_size", "8", "--num-kv-blocks", "64",
+    argv = ["serve", "--model", scout_dir, "--max_model_len", "0.5k", "--block_size", "8", "--num-kv-blocks", "64",
             "--no-enable-prefix-caching", "--gpu-memory-utilization", "0.5", "--dtype", "float32",
             "--served-model-name", "a", "b", "--device", "cpu"]
     args = build_parser(argv).parse_args(argv)
     resolve_args(args)
     cfg = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
-    assert cfg.model.max_model_len == 1000 and cfg.cache.block_size == 8 and cfg.cache.num_kv_blocks == 64
+    assert cfg.model.max_model_len == 500 and cfg.cache.block_size == 8 and cfg.cache.num_kv_blocks == 64
     assert cfg.cache.enable_prefix_caching is False and cfg.cache.gpu_memory_utilization == 0.5
     assert args.served_model_name == ["a", "b"]
 

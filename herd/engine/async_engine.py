@@ -11,9 +11,12 @@ submissions with the same caller id, e.g. a client that hangs up and resends at 
 each other's outputs; the outputs the caller gets carry the caller's id.
 
 A step that raises fails only the requests it was running (each gets an EngineStepError, their
-blocks are freed); the engine then checks itself with a one-token probe step. If the probe fails,
-or `max_step_failures` steps fail in a row, the engine is dead: every request gets an
+blocks are freed); the engine then checks itself with a one-token probe step (EngineCore). If the
+probe fails, or `max_step_failures` steps fail in a row, the engine is dead: every request gets an
 EngineDeadError and `is_running` turns False (the server's /health answers 503 and it exits).
+
+This is the in-process engine of `herd serve --disable-frontend-multiprocessing` and of tests;
+AsyncLLM (herd/engine/core_client.py) has the same interface over engine core processes.
 """
 from __future__ import annotations
 
@@ -24,26 +27,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from herd.config import EngineConfig
+from herd.engine.core import EngineCore
+from herd.engine.exceptions import EngineDeadError, EngineStepError  # noqa: F401 (re-export)
 from herd.engine.llm_engine import LLMEngine
+from herd.engine.output_kind import OutputKindFilter
 from herd.engine.outputs import RequestOutput
 from herd.engine.sampling_params import SamplingParams
-from herd.engine.scheduler import ScheduledBatch
-from herd.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    pass
-
-
-class EngineStepError(RuntimeError):
-    """The step running this request raised; the request was aborted, the engine lives on."""
-
-
-class _OutputSlot:
+class OutputSlot:
     """The newest undelivered output (or error) of one request, handed from the engine thread to
     the caller's event loop. At most one wake-up is scheduled on the loop at a time."""
 
@@ -55,8 +52,15 @@ class _OutputSlot:
         self.event = asyncio.Event()
         self.wake_pending = False
         self.num_coalesced = 0  # outputs replaced before the caller read them (for tests/logs)
+        self.finished = False
 
-    def push(self, item) -> None:  # engine thread
+    def push(self, item) -> None:  # engine (or output) thread
+        if self.stage(item):
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def stage(self, item) -> bool:
+        """Store `item`; True when the consumer must be woken (push does it; wake_slots wakes many
+        slots of one loop with one call)."""
         with self.lock:
             if isinstance(item, BaseException):
                 self.error = item
@@ -65,9 +69,9 @@ class _OutputSlot:
                     self.num_coalesced += 1
                 self.latest = item
             if self.wake_pending:
-                return
+                return False
             self.wake_pending = True
-        self.loop.call_soon_threadsafe(self._wake)
+            return True
 
     def _wake(self) -> None:  # caller's loop
         with self.lock:
@@ -85,27 +89,58 @@ class _OutputSlot:
             self.event.clear()
             await self.event.wait()
 
+    async def outputs(self, request_id: str, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """What the caller sees of one submission: its outputs under the caller's request id, in
+        the params' output kind, until the finished one; `self.finished` tells afterwards whether it
+        came (if not, the caller aborts the request to free its blocks)."""
+        to_kind = OutputKindFilter(params)  # params.output_kind: cumulative, delta or final only
+        while not self.finished:
+            item = await self.get()
+            if isinstance(item, BaseException):
+                raise item
+            self.finished = item.finished
+            item.request_id = request_id  # the caller's id, as the caller gave it
+            item = to_kind(item)
+            if item is not None:
+                yield item
 
-class AsyncLLMEngine:
+
+def deliver(streams: dict[str, OutputSlot], engine_id: str, item) -> None:
+    """Hand an output (or error) to its request's slot, if the request is still listened to."""
+    slot = streams.get(engine_id)
+    if slot is None:
+        return
+    try:
+        slot.push(item)
+    except RuntimeError:  # the caller's loop is closed
+        streams.pop(engine_id, None)
+
+
+def wake_slots(slots: list[OutputSlot]) -> None:  # on the slots' loop
+    for slot in slots:
+        slot._wake()
+
+
+class AsyncLLMEngine(EngineCore):
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None,
                  max_step_failures: int = 3):
-        self.engine = engine or LLMEngine(config)
-        self.max_step_failures = max_step_failures
-        self.num_step_failures = 0        # failed steps since the engine started (for logs/tests)
-        self._failures_in_a_row = 0
-        self._stalled_since: float | None = None
-        self._stall_reported = False
+        super().__init__(engine or LLMEngine(config), max_step_failures)
         self.config = self.engine.config
         self.tokenizer = self.engine.tokenizer
         self._commands: deque = deque()
         self._wake = threading.Event()
-        self._streams: dict[str, _OutputSlot] = {}   # by engine request id
+        self._streams: dict[str, OutputSlot] = {}   # by engine request id
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.errored: BaseException | None = None
         self.last_stats = self.engine.stats()
         self._thread = threading.Thread(target=self._run, name="herd-engine", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, engine_args, **kwargs) -> "AsyncLLMEngine":
+        """vLLM's constructor: AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=...))."""
+        return cls(engine_args.create_engine_config(), **kwargs)
 
     # -- caller side ------------------------------------------------------------------------
     @property
@@ -127,25 +162,18 @@ class AsyncLLMEngine:
         if self.errored is not None:
             raise EngineDeadError(f"the engine has stopped: {self.errored}")
         engine_id = f"{request_id}#{next(self._ids)}"  # unique per submission
-        slot = _OutputSlot(asyncio.get_running_loop())
+        slot = OutputSlot(asyncio.get_running_loop())
         self._streams[engine_id] = slot
         if isinstance(prompt, list) and prompt_text is not None:
             prompt = {"prompt": prompt_text, "prompt_token_ids": prompt}
         self._send(("add", engine_id, prompt, params, time.time()))
-        finished = False
         try:
-            while True:
-                item = await slot.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                item.request_id = request_id  # the caller's id, as the caller gave it
-                yield item
-                if finished:
-                    break
+            async with aclosing(slot.outputs(request_id, params)) as outputs:
+                async for item in outputs:
+                    yield item
         finally:
             self._streams.pop(engine_id, None)
-            if not finished:  # cancelled or the consumer went away: free the request's blocks
+            if not slot.finished:  # cancelled or the consumer went away: free the request's blocks
                 self._send(("abort", engine_id))
 
     def abort(self, request_id: str):
@@ -170,13 +198,7 @@ class AsyncLLMEngine:
 
     # -- engine thread ----------------------------------------------------------------------
     def _deliver(self, request_id: str, item):
-        slot = self._streams.get(request_id)
-        if slot is None:
-            return
-        try:
-            slot.push(item)
-        except RuntimeError:  # the caller's loop is closed
-            self._streams.pop(request_id, None)
+        deliver(self._streams, request_id, item)
 
     def _apply_commands(self):
         while self._commands:
@@ -225,73 +247,10 @@ class AsyncLLMEngine:
             for rid in list(self._streams):
                 self._deliver(rid, dead)
 
-    def _note_stall(self, report_after: float = 30.0):
-        now = time.monotonic()
-        if self._stalled_since is None:
-            self._stalled_since, self._stall_reported = now, False
-        elif not self._stall_reported and now - self._stalled_since > report_after:
-            self._stall_reported = True
-            s = self.engine.stats()
-            logger.error("the scheduler has scheduled nothing for %.0f s with %d request(s) unfinished "
-                         "(%d running, %d waiting, free KV blocks %s)", now - self._stalled_since,
-                         len(self.engine.requests), s.num_running, s.num_waiting, s.free_blocks)
-
-    # -- failure isolation ------------------------------------------------------------------
-    def _recover(self, exc: Exception):
-        """Abort the requests the failed step was running and probe the engine; re-raise `exc`
-        (the engine is dead) when the probe fails or too many steps failed in a row. The callers
-        hear of it only once the verdict is in, so /health never answers 200 for a dead engine."""
-        self.num_step_failures += 1
-        self._failures_in_a_row += 1
-        victims = self._requests_in_failed_step()
-        logger.error("engine step failed (%s: %s); aborting %d request(s): %s", type(exc).__name__, exc,
-                     len(victims), ", ".join(victims[:8]) + (" ..." if len(victims) > 8 else ""),
-                     exc_info=exc)
-        for rid in victims:
-            self.engine.abort_request(rid)
-        if self._failures_in_a_row >= self.max_step_failures:
-            logger.error("%d engine steps failed in a row", self._failures_in_a_row)
-            raise exc
-        try:
-            self._probe()
-        except Exception as probe_exc:
-            logger.error("the engine's probe step failed too (%r)", probe_exc)
-            raise exc from probe_exc
+    def _fail_requests(self, request_ids: list[str], error: BaseException):
         self.last_stats = self.engine.stats()
-        error = EngineStepError(f"the engine failed while running this request ({type(exc).__name__}); "
-                                "it was aborted, see the server log")
-        for rid in victims:
+        for rid in request_ids:
             self._deliver(rid, error)
-
-    def _requests_in_failed_step(self) -> list[str]:
-        """Requests the failed step was running: those with a scheduled (running) sequence, plus
-        any the step finished but never reported. (With a token budget smaller than the running
-        set this is a superset of the step's batch.)"""
-        return [rid for rid, state in self.engine.requests.items()
-                if state.finished or any(s.status is SequenceStatus.RUNNING for s in state.seqs)]
-
-    def _probe(self):
-        """A one-token forward pass outside the scheduler, on a block of its own."""
-        eng = self.engine
-        eng.check_health()
-        bos = eng.tokenizer.bos_token_id
-        seq = Sequence(-1, "herd-probe", 0, [bos if bos is not None else 0],
-                       SamplingParams(max_tokens=1, temperature=0.0))
-        if not eng.block_manager.allocate_slots(seq, 1):
-            logger.warning("no free KV block for the probe step; relying on the health check")
-            return
-        try:
-            tracker = eng.scheduler.tracker
-            sched = tracker.build([seq], [1])
-            try:
-                out = eng.executor.execute(ScheduledBatch([seq], [1], sched))
-                tracker.commit(sched)
-            finally:
-                tracker.remove(seq.seq_id)  # the runners drop it with the next step
-            if out.sampled[0] is None or not 0 <= out.sampled[0] < eng.vocab_size:
-                raise RuntimeError(f"the probe step sampled {out.sampled[0]!r}")
-        finally:
-            eng.block_manager.free(seq)
 
     def get_stats(self):
         """Engine counters for /metrics; read from the engine thread's last step."""

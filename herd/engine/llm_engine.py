@@ -1,4 +1,5 @@
-"""LLMEngine: the step loop. add_request -> step() (schedule, run, sample, detokenize, stop) -> outputs."""
+"""LLMEngine: the step loop. add_request -> step() (schedule, run, sample, token stops) -> outputs;
+text and stop strings come from the OutputProcessor (herd/engine/output_processor.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,27 +12,17 @@ import torch
 
 from herd.config import EngineConfig
 from herd.engine.block_manager import BlockManager
-from herd.engine.outputs import CompletionOutput, RequestOutput
+from herd.engine.input_processor import InputProcessor, PromptTooLongError  # noqa: F401 (re-export)
+from herd.engine.output_processor import EngineCoreOutput, OutputProcessor, SeqOutput
+from herd.engine.outputs import RequestOutput
 from herd.engine.sampler import make_generator
 from herd.engine.sampling_params import SamplingParams
-from herd.engine.scheduler import Scheduler
+from herd.engine.scheduler import ScheduledBatch, Scheduler
 from herd.engine.sequence import Sequence, SequenceStatus
-from herd.engine.tokenizer import (IncrementalDetokenizer, decode_logprob_tokens, get_tokenizer,
-                                   load_generation_config)
-from herd.multimodal.inputs import MultiModalInputs
-from herd.multimodal.processing import MultiModalProcessor
+from herd.engine.tokenizer import get_eos_token_ids
+from herd.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
-
-# Fields of generation_config.json that become default sampling parameters (vLLM "auto" mode).
-_GEN_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-class PromptTooLongError(ValueError):
-    def __init__(self, message: str, prompt_len: int, max_model_len: int):
-        super().__init__(message)
-        self.prompt_len, self.max_model_len = prompt_len, max_model_len
-
 
 @dataclass
 class RequestState:
@@ -56,18 +47,20 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     free_blocks: dict
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
-class LLMEngine:
-    def __init__(self, config: EngineConfig, executor=None):
-        self.config = config
+class LLMEngine(InputProcessor):
+    def __init__(self, config: EngineConfig, executor=None, process_outputs: bool = True):
         mc = config.model
         torch.manual_seed(mc.seed)
-        self.tokenizer = get_tokenizer(mc.tokenizer)
-        self.generation_config = load_generation_config(mc.model)
-        self.mm_processor = self._make_mm_processor()
-        self.vocab_size = mc.hf_config.vocab_size
-        self.max_model_len = mc.max_model_len
+        super().__init__(config)  # tokenizer, generation config, image processor, prompt checks
+        # text and stop strings; None in an engine core process (its API server does them)
+        self.output_processor = OutputProcessor(self.tokenizer) if process_outputs else None
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size,
+                                                         get_eos_token_ids(mc.model, self.tokenizer),
+                                                         mc.structured_outputs_config)
         if executor is None:
             from herd.parallel.executor import make_executor
             executor = make_executor(config)
@@ -100,6 +93,7 @@ class LLMEngine:
         self._seq_counter = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.iteration_tokens: dict[int, int] = {}  # tokens computed in a step -> steps (metrics)
         logger.info("KV cache: %s blocks of %d tokens", num_blocks, config.cache.block_size)
 
     def check_health(self):
@@ -109,86 +103,10 @@ class LLMEngine:
     def shutdown(self):
         """Stop the executor's ranks (idempotent); returns the files their runners wrote on the way
         out (INC MEASURE)."""
+        self.structured_output.shutdown()
         return self.executor.shutdown()
 
     # -- requests ---------------------------------------------------------------------------
-    def default_sampling_params(self) -> SamplingParams:
-        """SamplingParams() with the model's generation_config.json defaults applied."""
-        return SamplingParams(**{k: self.generation_config[k] for k in _GEN_DEFAULTS
-                                 if self.generation_config.get(k) is not None})
-
-    def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise TypeError(f"unsupported prompt type {type(prompt).__name__}")
-
-    # -- image input ------------------------------------------------------------------------
-    def _make_mm_processor(self) -> MultiModalProcessor | None:
-        """Image input needs a checkpoint with a vision tower and a tokenizer with the image tokens."""
-        mc = self.config.model
-        raw = mc.hf_config.raw
-        if not mc.hf_config.multimodal or raw.get("vision_config") is None:
-            return None
-        try:
-            return MultiModalProcessor.from_pretrained(mc.model, self.tokenizer, raw)
-        except ValueError as e:
-            logger.warning("image input is disabled: %s", e)
-            return None
-
-    def process_prompt(self, prompt, params: SamplingParams) -> tuple[str | None, list[int],
-                                                                       MultiModalInputs | None]:
-        """Tokenize and validate a prompt; with `multi_modal_data` also expand its <|image|>
-        placeholders and preprocess the images (CPU work that callers may run off the engine thread).
-        The result can be resubmitted as {"prompt": text, "prompt_token_ids": ids,
-        "multi_modal_inputs": mm}, which add_request then only validates."""
-        text, ids = self.tokenize_prompt(prompt)
-        mm = None
-        if isinstance(prompt, dict) and prompt.get("multi_modal_inputs") is not None:
-            mm = prompt["multi_modal_inputs"]
-            if self.mm_processor is None:
-                raise ValueError("this model does not accept image input")
-            if not isinstance(mm, MultiModalInputs):
-                raise TypeError("multi_modal_inputs must come from LLMEngine.process_prompt")
-            mm.validate(ids, self.mm_processor.ids.patch)
-        elif isinstance(prompt, dict) and prompt.get("multi_modal_data"):
-            ids, mm = self._process_images(ids, prompt["multi_modal_data"], params)
-        self.check_prompt(ids, params)
-        return text, ids, mm
-
-    def _process_images(self, ids: list[int], data, params: SamplingParams):
-        if self.mm_processor is None:
-            raise ValueError("this model does not accept image input (no vision tower, or its tokenizer "
-                             "lacks the image tokens)")
-        if not isinstance(data, dict):
-            raise ValueError("multi_modal_data must be a dict like {'image': image or [images]}")
-        unknown = sorted(set(data) - {"image"})
-        if unknown:
-            raise ValueError(f"unsupported multi_modal_data keys {unknown}: only 'image' is supported")
-        images = data.get("image")
-        if images is None or (isinstance(images, (list, tuple)) and not images):
-            return ids, None
-        return self.mm_processor.process(ids, images, check=lambda expanded: self.check_prompt(expanded, params))
-
-    def check_prompt(self, prompt_ids: list[int], params: SamplingParams):
-        if not prompt_ids:
-            raise ValueError("The decoder prompt cannot be empty")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"Token id {bad[0]} is out of vocabulary (vocab size {self.vocab_size})")
-        n, L = len(prompt_ids), self.max_model_len
-        if n >= L:
-            raise PromptTooLongError(
-                f"The decoder prompt (length {n}) is longer than the maximum model length of {L}. "
-                "Make sure that `max_model_len` is no smaller than the number of text tokens.", n, L)
-
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> RequestState:
         if request_id in self.requests:
@@ -201,15 +119,17 @@ class LLMEngine:
         room = self.max_model_len - len(prompt_ids)
         if params.max_tokens is None or params.max_tokens > room:
             params.max_tokens = room
+        grammar = self.structured_output.compile(params)  # before any sequence is queued: may raise
         arrival = arrival_time or time.time()
         seqs = []
         for i in range(params.n):
             child = params.for_child(i) if params.n > 1 else params
+            if grammar is not None:  # each sample walks the grammar on its own
+                child.structured_output_request = self.structured_output.new_request(grammar)
             seq = Sequence(next(self._seq_counter), request_id, i, list(prompt_ids), child, arrival,
                            multi_modal=mm)
             if child.seed is not None:
                 seq.generator = make_generator(child.seed, self.executor.device)
-            seq.detokenizer = IncrementalDetokenizer.from_params(self.tokenizer, prompt_ids, child)
             if child.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None]
             seqs.append(seq)
@@ -217,9 +137,13 @@ class LLMEngine:
         self.prompt_tokens_total += len(prompt_ids)
         state = RequestState(request_id, text, list(prompt_ids), params, seqs, arrival)
         self.requests[request_id] = state
+        if self.output_processor is not None:
+            self.output_processor.add_request(request_id, text, prompt_ids, params, arrival)
         return state
 
     def abort_request(self, request_id: str) -> bool:
+        if self.output_processor is not None:
+            self.output_processor.abort_request(request_id)
         state = self.requests.pop(request_id, None)
         if state is None:
             return False
@@ -233,32 +157,77 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        batch = self.schedule()
         if not batch.seqs:
             return []
-        out = self.executor.execute(batch)
+        outputs, stops = self.output_processor.process_outputs(
+            self.update_from_output(batch, self.executor.execute(batch)))
+        for request_id, index, stop_str in stops:  # stop strings the output processor found
+            self.finish_sequence(request_id, index, stop_str)
+        return outputs
+
+    def schedule(self) -> ScheduledBatch:
+        """The next step's batch (an engine core process runs it on its device thread)."""
+        batch = self.scheduler.schedule()
+        if batch.seqs and self.structured_output.live:  # bitmasks fill while the forward runs
+            self.structured_output.prepare_step(batch.seqs, batch.num_tokens)
+        return batch
+
+    def update_from_output(self, batch: ScheduledBatch, out) -> list[EngineCoreOutput]:
+        """Apply a step's results (computed tokens, prefix-cache blocks, sampled tokens, token-level
+        stops); returns the news of every request the step touched. Sequences that finished while
+        the step ran (aborted meanwhile) are skipped."""
+        total = batch.total_tokens
+        self.iteration_tokens[total] = self.iteration_tokens.get(total, 0) + 1
         self.scheduler.tracker.commit(batch.output)
         now = time.time()
-        touched: dict[str, RequestState] = {}
+        touched: dict[str, EngineCoreOutput] = {}
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            if seq.is_finished:
+                continue
             old = seq.num_computed_tokens
             seq.num_computed_tokens += n
             self.block_manager.cache_blocks(seq, old, seq.num_computed_tokens)
+            news = None
+            if seq.request_id in self.requests:
+                news = touched.get(seq.request_id)
+                if news is None:
+                    news = touched[seq.request_id] = EngineCoreOutput(seq.request_id, [])
             if out.prompt_logprobs[i]:
-                decode_logprob_tokens(self.tokenizer, out.prompt_logprobs[i])
                 seq.prompt_logprobs.extend(out.prompt_logprobs[i])
+                if news is not None and seq.index == 0:
+                    news.new_prompt_logprobs = out.prompt_logprobs[i]
             token = out.sampled[i]
             if token is not None:
-                self._append_token(seq, token, out.logprobs[i], now)
-            state = self.requests.get(seq.request_id)
-            if state is not None:
-                touched[seq.request_id] = state
-        outputs = []
-        for rid, state in touched.items():
-            outputs.append(self.make_output(state))
-            if state.finished:
+                lp = out.logprobs[i]
+                stop_token = self._append_token(seq, token, lp, now)
+                if news is not None:
+                    news.seqs.append(SeqOutput(
+                        seq.index, [token], None if lp is None else [lp],
+                        seq.cumulative_logprob if seq.logprobs is not None else None,
+                        seq.finish_reason, seq.stop_reason if seq.is_finished else None, stop_token))
+        for rid, news in touched.items():
+            state = self.requests[rid]
+            first = state.seqs[0]
+            news.metrics = dataclasses.replace(first.metrics)
+            news.num_cached_tokens = first.num_cached_tokens
+            news.finished = state.finished
+            if news.finished:
                 del self.requests[rid]
-        return outputs
+        return list(touched.values())
+
+    def finish_sequence(self, request_id: str, index: int, stop_reason) -> None:
+        """End one sequence that the output processor stopped (a stop string)."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return
+        seq = state.seqs[index]
+        if not seq.is_finished:
+            seq.stop_reason = stop_reason
+            seq.metrics.finished_time = seq.metrics.last_token_time
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        if state.finished:
+            del self.requests[request_id]
 
     def _append_token(self, seq: Sequence, token: int, logprobs, now: float):
         p = seq.params
@@ -269,7 +238,6 @@ class LLMEngine:
             m.first_token_time = now
         m.last_token_time = now
         if logprobs is not None:
-            decode_logprob_tokens(self.tokenizer, [logprobs])
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token].logprob
         status, stop_token = None, False
@@ -278,28 +246,16 @@ class LLMEngine:
                 status, stop_token = SequenceStatus.FINISHED_STOPPED, True
             elif token in p.stop_token_ids:
                 status, stop_token, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, True, token
+        grammar = p.structured_output_request
+        if status is None and grammar is not None and grammar.accept(token):
+            status = SequenceStatus.FINISHED_STOPPED  # the constraint is complete: nothing may follow
         length = len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
-        stop_str = seq.detokenizer.update([token], stop_terminated=stop_token,
-                                          finished=status is not None or length)
-        seq.output_text = seq.detokenizer.output_text
-        if stop_str is not None:
-            status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
-        elif status is None and length:
+        if status is None and length:
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
             m.finished_time = now
             self.scheduler.finish(seq, status)
-
-    def make_output(self, state: RequestState) -> RequestOutput:
-        outs = [CompletionOutput(index=s.index, text=s.output_text, token_ids=list(s.output_token_ids),
-                                 cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-                                 logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
-                for s in state.seqs]
-        first = state.seqs[0]
-        return RequestOutput(request_id=state.request_id, prompt=state.prompt,
-                             prompt_token_ids=state.prompt_token_ids, prompt_logprobs=first.prompt_logprobs,
-                             outputs=outs, finished=state.finished, metrics=dataclasses.replace(first.metrics),
-                             num_cached_tokens=first.num_cached_tokens)
+        return stop_token  # the token ends the sequence as EOS / a stop id: its text is left out
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
@@ -307,4 +263,6 @@ class LLMEngine:
                            num_preemptions=self.scheduler.num_preemptions,
                            prompt_tokens=self.prompt_tokens_total,
                            generation_tokens=self.generation_tokens_total,
-                           free_blocks=self.block_manager.num_free_blocks())
+                           free_blocks=self.block_manager.num_free_blocks(),
+                           prefix_cache_queries=self.scheduler.prefix_cache_queries,
+                           prefix_cache_hits=self.scheduler.prefix_cache_hits)

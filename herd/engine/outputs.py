@@ -54,3 +54,21 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int | None = None
+
+
+@dataclass
+class BeamSearchSequence:
+    """One hypothesis of LLM.beam_search. `tokens` include the prompt's; `logprobs` has one dict per
+    generated token; `text` (the whole sequence, decoded) is filled when it is returned."""
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob]]
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None      # "stop" (an EOS token) | "length"
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """The best `beam_width` sequences of one prompt, best first."""
+    sequences: list[BeamSearchSequence]

@@ -8,7 +8,6 @@ import torch
 
 from herd.config import EngineConfig
 from herd.engine.block_manager import FULL, LOCAL
-from herd.engine.outputs import Logprob
 from herd.engine.sampler import Sampler, SamplingRow, gather_logprobs
 from herd.engine.input_batch import InputBatch, StepInputs
 from herd.engine.scheduler import ScheduledBatch

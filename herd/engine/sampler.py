@@ -1,8 +1,10 @@
 """Sampler: one next token per logits row, in vLLM V1's order.
 
-raw logprobs (if asked) -> allowed_token_ids -> bad_words -> min_tokens -> logit_bias
--> penalties (repetition, frequency, presence) -> greedy argmax, or for random rows:
-temperature -> min_p -> top-k -> top-p -> exponential race (Gumbel-max with per-row generators).
+structured outputs grammar bitmask -> raw logprobs (if asked) -> allowed_token_ids -> bad_words
+-> min_tokens -> logit_bias -> logits_processors -> penalties (repetition, frequency, presence)
+-> greedy argmax, or for random rows: temperature -> min_p -> top-k -> top-p -> exponential race (Gumbel-max with per-row
+generators). As in vLLM the grammar mask comes first, so logprobs of constrained rows are those of
+the masked logits.
 
 Tensor work is batched over rows; Python loops only build index lists and draw seeded noise.
 """
@@ -51,6 +53,8 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"expected logits [num_rows={len(rows)}, vocab], got {tuple(logits.shape)}")
         logits = logits.float()
+        grammar_rows = [i for i, r in enumerate(rows) if r.params.structured_output_request is not None]
+        kept = apply_grammar_bitmask(logits, rows, grammar_rows) if grammar_rows else None
         # vLLM V1 default (raw_logprobs): logprobs come from the model's logits, before processing.
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
@@ -59,7 +63,10 @@ class Sampler:
         apply_bad_words(logits, rows)
         apply_min_tokens(logits, rows)
         apply_logit_bias(logits, rows)
+        apply_logits_processors(logits, rows)
         apply_penalties(logits, rows)
+        if kept is not None:
+            restore_dead_grammar_rows(logits, *kept)
         sampled = sample(logits, rows)
 
         logprobs = None
@@ -71,6 +78,44 @@ class Sampler:
             for i, d in zip(lp_rows, dicts):
                 logprobs[i] = d
         return SamplerOutput(sampled_token_ids=sampled.tolist(), logprobs=logprobs)
+
+
+# ---- structured outputs -----------------------------------------------------------------------
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 [k, W] (bit t % 32 of word t // 32 = token t allowed) -> bool [k, vocab]."""
+    bits = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int32, device=bitmask.device),
+                                    torch.arange(32, dtype=torch.int32, device=bitmask.device))
+    allowed = (bitmask.unsqueeze(-1) & bits) != 0
+    return allowed.reshape(bitmask.shape[0], -1)[:, :vocab]
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, rows: list[SamplingRow], picked: list[int]):
+    """-inf for every token the row's grammar does not allow next. Returns what
+    restore_dead_grammar_rows needs when a later processor could ban the grammar's last tokens."""
+    masks = torch.stack([rows[i].params.structured_output_request.take_bitmask() for i in picked])
+    allowed = unpack_bitmask(masks.to(logits.device), logits.shape[1])
+    if allowed.shape[1] < logits.shape[1]:  # logits wider than the grammar's vocabulary
+        allowed = torch.nn.functional.pad(allowed, (0, logits.shape[1] - allowed.shape[1]), value=False)
+    idx = torch.tensor(picked, dtype=torch.long, device=logits.device)
+    masked = logits[idx].masked_fill_(~allowed, float("-inf"))
+    logits[idx] = masked
+    # allowed_token_ids, bad_words and min_tokens can remove every token the grammar allows, and a
+    # logits processor may also bring banned ones back: such rows are checked after the processors.
+    if any(rows[i].params.allowed_token_ids is not None or rows[i].params.bad_words_token_ids
+           or rows[i].params.logits_processors or len(rows[i].output_token_ids) < rows[i].params.min_tokens
+           for i in picked):
+        return idx, masked, allowed
+    return None
+
+
+def restore_dead_grammar_rows(logits: torch.Tensor, idx: torch.Tensor, masked: torch.Tensor,
+                              allowed: torch.Tensor) -> None:
+    """Mask again; a row left with no token falls back to the grammar alone (the constraint wins),
+    so it never samples from all -inf."""
+    x = logits[idx].masked_fill_(~allowed, float("-inf"))
+    dead = torch.isneginf(x).all(dim=-1)
+    logits[idx] = torch.where(dead.unsqueeze(1), masked, x)
 
 
 # ---- logits processors (in place on logits [N, V]) ---------------------------------------------
@@ -152,6 +197,28 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     if r_idx:
         vals = torch.tensor(values, dtype=logits.dtype, device=logits.device)
         logits.index_put_(_index(r_idx, c_idx, logits.device), vals, accumulate=True)
+
+
+def apply_logits_processors(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """SamplingParams.logits_processors, per row: fn(output_ids, logits) or fn(prompt_ids,
+    output_ids, logits) with the row's [vocab] logits; a returned tensor replaces them."""
+    for i, r in enumerate(rows):
+        for fn in r.params.logits_processors or ():
+            args = (tuple(r.output_token_ids), logits[i])
+            if _num_params(fn) == 3:
+                args = (tuple(r.prompt_token_ids),) + args
+            out = fn(*args)
+            if out is not None:
+                logits[i] = out
+
+
+def _num_params(fn) -> int:
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature: the two-argument form
+        return 2
 
 
 def _token_counts(seqs: list[list[int]], vocab: int, device) -> torch.Tensor:

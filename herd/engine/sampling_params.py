@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import copy
+import enum
+import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -18,6 +20,8 @@ MIN_TEMPERATURE = 1e-2
 MAX_BAD_WORDS = 1024
 # OpenAI's range for a logit_bias value.
 MAX_LOGIT_BIAS = 100.0
+# Most alternatives of one `choice` constraint (each becomes a grammar branch).
+MAX_CHOICES = 1024
 
 
 class SamplingParamsError(ValueError):
@@ -26,6 +30,103 @@ class SamplingParamsError(ValueError):
     def __init__(self, message: str, parameter: str | None = None):
         super().__init__(message)
         self.parameter = parameter
+
+
+# The constraint kinds of StructuredOutputsParams; a request sets exactly one of them.
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's structured outputs: exactly one of json (a JSON schema: dict, JSON text or a pydantic
+    model class), regex, choice (list of strings), grammar (Lark or GBNF/EBNF), json_object (any JSON
+    object) or structural_tag (JSON text: {"structures": [{"begin", "schema", "end"}], "triggers"})."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False                  # accepted; there is one backend to fall back to
+    disable_any_whitespace: bool | None = None      # JSON without free whitespace; None: the engine's default
+    disable_additional_properties: bool | None = None  # objects with properties and no additionalProperties
+                                                       # allow no others; None: the engine's default
+    whitespace_pattern: str | None = None           # regex for the whitespace JSON may use
+    structural_tag: str | None = None
+    backend: str | None = None                      # older per-request backend name; checked by the engine
+
+    def __post_init__(self) -> None:
+        err = SamplingParamsError
+        if self.json is not None and not isinstance(self.json, (str, dict, bool)):
+            schema = getattr(self.json, "model_json_schema", None)  # a pydantic model class
+            if not callable(schema):
+                raise err(f"structured_outputs.json must be a JSON schema (a dict or JSON text), got "
+                          f"{type(self.json).__name__}", "structured_outputs")
+            self.json = schema()
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except json.JSONDecodeError as e:
+                raise err(f"structured_outputs.json is not valid JSON: {e}", "structured_outputs") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise err("structured_outputs.json must be a JSON schema object", "structured_outputs")
+        if self.json_object is False:
+            self.json_object = None
+        set_kinds = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) is not None]
+        if len(set_kinds) != 1:
+            which = "multiple are specified: " + ", ".join(set_kinds) if set_kinds else "none is specified"
+            raise err(f"You must use exactly one kind of structured outputs constraint "
+                      f"({', '.join(STRUCTURED_OUTPUT_KINDS)}), but {which}.", "structured_outputs")
+        for name in ("regex", "grammar", "structural_tag", "whitespace_pattern"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise err(f"structured_outputs.{name} must be a non-empty string", "structured_outputs")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) for c in self.choice):
+                raise err("structured_outputs.choice must be a list of strings", "structured_outputs")
+            self.choice = list(self.choice)
+            if not self.choice:
+                raise err("structured_outputs.choice must not be empty", "structured_outputs")
+            if len(self.choice) > MAX_CHOICES:
+                raise err(f"structured_outputs.choice may have at most {MAX_CHOICES} entries, got "
+                          f"{len(self.choice)}", "structured_outputs")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) is not None)
+
+    @classmethod
+    def from_optional(cls, **kwargs) -> "StructuredOutputsParams | None":
+        """None when no constraint is given (vLLM's GuidedDecodingParams.from_optional)."""
+        if all(kwargs.get(k) in (None, False) for k in STRUCTURED_OUTPUT_KINDS):
+            return None
+        return cls(**kwargs)
+
+    @classmethod
+    def coerce(cls, value) -> "StructuredOutputsParams | None":
+        """A StructuredOutputsParams, a dict of its fields, or None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise SamplingParamsError("structured_outputs must be an object with one of "
+                                      f"{', '.join(STRUCTURED_OUTPUT_KINDS)}", "structured_outputs")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise SamplingParamsError(f"unknown structured_outputs field(s) {unknown}; known: {sorted(known)}",
+                                      "structured_outputs")
+        return cls(**value)
+
+
+# vLLM's name before 0.10.2.
+GuidedDecodingParams = StructuredOutputsParams
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each streamed output of a request carries (vLLM's names): everything so far, only what
+    is new since the last output, or nothing until the request finishes."""
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -52,6 +153,15 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None   # older vLLM spelling of structured_outputs
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # of AsyncLLMEngine.generate's outputs
+    truncate_prompt_tokens: int | None = None   # keep only the prompt's last k tokens (-1: max_model_len)
+    detokenize: bool = True                     # False: token ids only, text stays ""
+    extra_args: dict[str, Any] | None = None    # carried along for custom code; herd reads none of it
+    # Per-request callables fn(output_ids, logits) or fn(prompt_ids, output_ids, logits) -> logits
+    # ([vocab] float32, before penalties and temperature); they run in the engine process.
+    logits_processors: list[Any] | None = None
 
     # Filled in by __post_init__ and the engine, not by users.
     output_text_buffer_length: int = field(default=0, init=False, repr=False)
@@ -61,6 +171,9 @@ class SamplingParams:
     # bad_words_token_ids indexed for the sampler: prefix length -> {prefix: banned last tokens}
     bad_words_index: dict[int, dict[tuple[int, ...], list[int]]] | None = field(
         default=None, init=False, repr=False)
+    # One sequence's grammar state (herd.structured_output.StructuredOutputRequest), set by the engine on
+    # the sequence's own params; the sampler masks the row with it and the engine advances it.
+    structured_output_request: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if 0 < self.temperature < MIN_TEMPERATURE:
@@ -86,6 +199,13 @@ class SamplingParams:
             self.logit_bias = _int_keys(self.logit_bias)
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.structured_outputs is None and self.guided_decoding is not None:
+            self.structured_outputs = self.guided_decoding
+        elif self.structured_outputs is not None and self.guided_decoding is not None \
+                and self.guided_decoding is not self.structured_outputs:
+            raise SamplingParamsError("give structured_outputs or its older name guided_decoding, not both",
+                                      "structured_outputs")
+        self.structured_outputs = self.guided_decoding = StructuredOutputsParams.coerce(self.structured_outputs)
         # Streaming holds back this many characters so a stop string is never half-sent.
         if self.stop and not self.include_stop_str_in_output:
             self.output_text_buffer_length = max(len(s) for s in self.stop) - 1
@@ -147,6 +267,19 @@ class SamplingParams:
         if any(not w for w in self.bad_words):
             raise err(f"bad_words cannot contain an empty string. Got bad_words={self.bad_words}",
                       "bad_words")
+        if self.truncate_prompt_tokens is not None and (
+                not isinstance(self.truncate_prompt_tokens, int) or isinstance(self.truncate_prompt_tokens, bool)
+                or self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1):
+            raise err(f"truncate_prompt_tokens must be >= 1 or -1, got {self.truncate_prompt_tokens}",
+                      "truncate_prompt_tokens")
+        if not self.detokenize and self.stop:
+            raise err("stop strings are only supported when detokenize is True. Set detokenize=True to use "
+                      "stop.", "stop")
+        if self.logits_processors is not None and not all(callable(f) for f in self.logits_processors):
+            raise err("logits_processors must be a list of callables", "logits_processors")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise err("extra_args must be a dict", "extra_args")
+        self.output_kind = RequestOutputKind(self.output_kind)
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise err("allowed_token_ids is not None and empty!", "allowed_token_ids")
 
@@ -227,7 +360,8 @@ class SamplingParams:
 
     # ---- copies -------------------------------------------------------------------------------
     def clone(self) -> "SamplingParams":
-        return copy.deepcopy(self)
+        # A copy never shares (or copies) a sequence's grammar state: the memo maps it to None.
+        return copy.deepcopy(self, {id(self.structured_output_request): None})
 
     def for_child(self, index: int) -> "SamplingParams":
         """Params of the index-th of n samples: n=1 and, when seeded, seed + index (vLLM V1)."""
@@ -236,6 +370,24 @@ class SamplingParams:
         if self.seed is not None:
             child.seed = self.seed + index
         return child
+
+
+@dataclass
+class BeamSearchParams:
+    """LLM.beam_search's parameters (vLLM's): keep the `beam_width` most likely continuations,
+    ranked by cumulative logprob / length ** length_penalty."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.beam_width < 1:
+            raise SamplingParamsError(f"beam_width must be at least 1, got {self.beam_width}.", "beam_width")
+        if self.max_tokens < 1:
+            raise SamplingParamsError(f"max_tokens must be at least 1, got {self.max_tokens}.", "max_tokens")
 
 
 def bad_words_index(sequences) -> dict[int, dict[tuple[int, ...], list[int]]]:

@@ -38,6 +38,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # vLLM's prefix_cache_queries / _hits: prompt tokens looked up in the prefix cache when a
+        # sequence is admitted, and how many of them were found there
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self.tracker = OutputTracker()
 
     def add(self, seq: Sequence):
@@ -90,8 +94,8 @@ class Scheduler:
         # Admit waiting sequences only when nothing had to be preempted this step.
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.num_computed_tokens == 0:
-                self.block_manager.get_computed_blocks(seq)
+            lookup = seq.num_computed_tokens == 0
+            cached = self.block_manager.get_computed_blocks(seq) if lookup else 0
             remaining = seq.num_tokens - seq.num_computed_tokens
             n = self._chunk(seq, budget)
             if not self.chunked_prefill and n < remaining or not self.block_manager.allocate_slots(seq, n):
@@ -100,6 +104,9 @@ class Scheduler:
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
             self.waiting.popleft()
+            if lookup and self.block_manager.enable_prefix_caching and seq.params.prompt_logprobs is None:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += cached
             seq.status = SequenceStatus.RUNNING
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = time.time()

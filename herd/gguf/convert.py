@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+logger = logging.getLogger(__name__)
 CONVERTER_VERSION = 1
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SHARD_BYTES = 2 << 30
@@ -164,6 +166,7 @@ def hf_name(name: str) -> str:
 
 def hf_tensors(reader, cfg: dict, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    # disable=None: the bar shows on a terminal only
     for t in tqdm(reader.tensors, desc="Dequantizing GGUF", unit="tensor", disable=not progress or None,
                   leave=False):
         name = hf_name(t.name)
@@ -189,6 +192,7 @@ def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out: Path,
         nonlocal current, size
         if current:
             fname = f"model-{len(shards) + 1:05d}.safetensors"
+            logger.info("writing %s (%.0f MB)", fname, size / 1e6)
             save_file(current, str(out / fname), metadata={"format": "pt"})
             shards.append(fname)
             weight_map.update({k: fname for k in current})
@@ -294,6 +298,8 @@ def convert_gguf(path, out_dir, dtype: str = "bfloat16", progress: bool = True) 
     if dtype not in _DTYPES:
         raise ValueError(f"GGUF conversion dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
+    logger.info("converting %s into a Hugging Face checkpoint at %s (once; later runs reuse it)",
+                Path(path).name, out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -316,6 +322,11 @@ def convert_gguf(path, out_dir, dtype: str = "bfloat16", progress: bool = True) 
             json.dump({"file": os.path.abspath(path), "converter_version": CONVERTER_VERSION,
                        "general.name": meta.get("general.name"), "file_type": meta.get("general.file_type")},
                       f, indent=2)
+        # safetensors writes 0600 (a temporary file renamed), and a strict umask would make the rest
+        # private too: the cache is shared, so every file gets 0644 like herd quantize's output
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, 0o644)
         try:
             os.replace(tmp, out)
         except OSError:  # another process finished the same conversion first

@@ -232,7 +232,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.quant_method = quant_method or UnquantizedLinearMethod()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, self.weight)
+        # through quant_method, so INC MEASURE observes lm_head like any linear
+        logits = self.quant_method.apply(self, h)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab]
 

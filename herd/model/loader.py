@@ -8,6 +8,7 @@ Handles `language_model.` prefixes of Llama4ForConditionalGeneration, fused expe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ _EXPERT_SHARD = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 # HF Llama 1-3 name the dense FFN `mlp`; herd's decoder layer (Llama 4's layout) calls it `feed_forward`.
 _DENSE_LLAMA_MLP = re.compile(r"^(model\.layers\.\d+)\.mlp\.")
 _LEAVES = ("weight", "weight_scale", "input_scale")
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_files(path) -> list[str]:
@@ -223,6 +225,8 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
             klass = Llama4ForCausalLM
         model = klass(cfg, dtype=dtype, tp=tp, quant=quant, expert_parallel=expert_parallel)
     if weights is None:
+        size = sum(os.path.getsize(f) for f in checkpoint_files(path))
+        logger.info("loading weights from %s (%.0f MB)", path, size / 1e6)
         weights = expand_tensor_scales(iterate_checkpoint(path), checkpoint_shapes(path))
     load_weights(model, weights)
     process_weights_after_loading(model)

@@ -102,6 +102,11 @@ class MultiModalProcessor:
         return cls(proc, vision.tokens_per_tile, ImageTokenIds.from_tokenizer(tokenizer, hf_raw),
                    max_images_per_prompt)
 
+    def check_image_count(self, n: int) -> None:
+        """--limit-mm-per-prompt; servers call it before fetching the images."""
+        if self.max_images_per_prompt is not None and n > self.max_images_per_prompt:
+            raise ValueError(f"At most {self.max_images_per_prompt} image(s) may be provided in one prompt.")
+
     def num_prompt_tokens(self, aspect_ratio: tuple[int, int]) -> int:
         return len(image_token_layout(aspect_ratio, self.tokens_per_tile, self.ids))
 
@@ -116,9 +121,7 @@ class MultiModalProcessor:
             images = [images]
         if not images:
             raise ValueError("multi_modal_data has an empty image list")
-        if self.max_images_per_prompt is not None and len(images) > self.max_images_per_prompt:
-            raise ValueError(f"at most {self.max_images_per_prompt} images per prompt are allowed, "
-                             f"got {len(images)}")
+        self.check_image_count(len(images))
         rgb = [to_rgb_tensor(im) for im in images]
         ratios = [self.image_processor.num_tiles(int(t.shape[1]), int(t.shape[2])) for t in rgb]
         layouts = [image_token_layout(r, self.tokens_per_tile, self.ids) for r in ratios]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import pickle
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -17,6 +18,22 @@ from multiprocessing.connection import wait
 from herd.config import EngineConfig
 from herd.parallel.distributed_executor import DistributedExecutor, ExecutorError
 from herd.parallel.worker import worker_main
+
+
+# A spawned worker re-imports the parent's main script; one that creates an engine at import time
+# (no `if __name__ == "__main__":` guard) would start workers of its own. It exits with this code.
+SPAWN_REIMPORT_EXIT = 86
+SPAWN_REIMPORT_HELP = ("the script creates the engine when it is imported, and tensor-parallel workers start with "
+                       "`spawn`, which imports the script again in each worker: put the code that creates the "
+                       "LLM under `if __name__ == \"__main__\":`")
+
+
+def check_not_spawn_reimport() -> None:
+    """Called where an engine is created: inside a worker that is still importing the parent's
+    script, say what to do and exit (the parent reports the same) instead of starting workers."""
+    if getattr(mp.current_process(), "_inheriting", False):
+        print(f"herd: error: {SPAWN_REIMPORT_HELP}", file=sys.stderr)
+        raise SystemExit(SPAWN_REIMPORT_EXIT)
 
 
 def exit_reason(code: int | None) -> str:
@@ -36,13 +53,18 @@ def _stop(procs, conns, grace_s: float = 2.0):
         except (OSError, ValueError):
             pass
         conn.close()
-    deadline = time.monotonic() + grace_s
+    join_or_kill(procs, grace_s, kill_wait_s=2.0)
+
+
+def join_or_kill(procs, timeout: float, kill_wait_s: float) -> None:
+    """Wait up to `timeout` seconds in all for the processes to exit; kill the ones still alive."""
+    deadline = time.monotonic() + timeout
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
     for proc in procs:
         if proc.is_alive():
             proc.kill()
-            proc.join(2.0)
+            proc.join(kill_wait_s)
 
 
 class MultiprocExecutor(DistributedExecutor):
@@ -58,6 +80,7 @@ class MultiprocExecutor(DistributedExecutor):
         return "127.0.0.1"
 
     def _start_workers(self):
+        check_not_spawn_reimport()
         ctx = mp.get_context("spawn")  # fork is unsafe with threads, CUDA and gloo state
         # Workers go with the executor even if nobody calls shutdown() (the lists fill in place).
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
@@ -131,6 +154,8 @@ class MultiprocExecutor(DistributedExecutor):
     @staticmethod
     def _dead(rank: int, proc) -> str:
         proc.join(1.0)
+        if proc.exitcode == SPAWN_REIMPORT_EXIT:
+            return f"tensor-parallel worker rank {rank} could not start: {SPAWN_REIMPORT_HELP}"
         return (f"tensor-parallel worker rank {rank} (pid {proc.pid}) died unexpectedly "
                 f"({exit_reason(proc.exitcode)})")
 

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from herd.engine.arg_utils import parse_length, parse_max_model_len
 from herd.plan.hardware import catalog, device_names, get_device
 from herd.plan.memory import KV_CACHE_DTYPES, PlanSettings
 from herd.plan.models import load_model_spec
@@ -23,18 +24,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight precision (auto: the checkpoint's)")
     p.add_argument("--kv-cache-dtype", "--kv_cache_dtype", dest="kv_cache_dtype",
                    default=_DEFAULTS.kv_cache_dtype, choices=list(KV_CACHE_DTYPES))
-    p.add_argument("--max-model-len", "--max_model_len", dest="max_model_len", type=int,
-                   help="tokens per sequence (default: min(max_position_embeddings, 8192))")
+    p.add_argument("--max-model-len", "--max_model_len", dest="max_model_len", type=parse_max_model_len,
+                   help="tokens per sequence: 4096, 8k, 32K, 1M (default, or auto: min(max_position_embeddings, 8192))")
     p.add_argument("--gpu-memory-utilization", "--gpu_memory_utilization", dest="gpu_memory_utilization",
                    type=float, default=_DEFAULTS.gpu_memory_utilization)
     p.add_argument("--max-num-seqs", "--max_num_seqs", dest="max_num_seqs", type=int,
                    default=_DEFAULTS.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", "--max_num_batched_tokens", dest="max_num_batched_tokens",
-                   type=int, default=_DEFAULTS.max_num_batched_tokens,
+                   type=parse_length, default=_DEFAULTS.max_num_batched_tokens,
                    help="tokens per scheduler step; sizes the activation workspace and prefill chunks")
     p.add_argument("--batch-size", type=int,
                    help="decode batch for the roofline (default: as many sequences as fit)")
-    p.add_argument("--context-len", type=int,
+    p.add_argument("--context-len", type=parse_length,
                    help="tokens of context per sequence for the roofline (default: max_model_len)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--list-devices", action="store_true", help="print the device catalog and exit")
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         dtype = {"auto": model.checkpoint_dtype, "bfloat16": "bf16"}.get(args.dtype, args.dtype)
         settings = PlanSettings(
             dtype=dtype, kv_cache_dtype=args.kv_cache_dtype,
-            max_model_len=args.max_model_len or min(model.text.max_position_embeddings, 8192),
+            max_model_len=(min(model.text.max_position_embeddings, 8192) if args.max_model_len in (None, "auto")
+                           else args.max_model_len),
             gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens)
         result = make_plan(model, device, settings, tp=args.tp, batch_size=args.batch_size,

@@ -30,6 +30,7 @@ class AccuracyReport:
     recovery_percent: float                       # ppl_original / ppl_quantized * 100
     layer_rel_error: list[float] = field(default_factory=list)   # per decoder layer
     logits_rel_error: float = 0.0
+    kept_bf16: dict[str, str] = field(default_factory=dict)      # Linear kept unquantized -> why
 
     def format(self) -> str:
         lines = [f"accuracy report ({self.num_tokens} tokens): perplexity {self.ppl_original:.4f} -> "
@@ -37,6 +38,14 @@ class AccuracyReport:
                  f"logits relative error {self.logits_rel_error:.4f}",
                  "  layer  output relative error"]
         lines += [f"  {i:5d}  {e:.5f}" for i, e in enumerate(self.layer_rel_error)]
+        if self.kept_bf16:
+            lines.append(f"  kept in bf16 ({len(self.kept_bf16)} Linear modules):")
+            groups: dict[str, list[str]] = {}
+            for name, why in self.kept_bf16.items():
+                groups.setdefault(why, []).append(name)
+            for why, names in groups.items():
+                shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                lines.append(f"    {shown}: {why}")
         return "\n".join(lines)
 
     def save(self, path: str):

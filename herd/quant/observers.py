@@ -9,6 +9,12 @@ Two weight observers:
   * mse: shrink-factor grid search (llm-compressor's MSE observer): try p = 1.00, 0.99, ... for
     `int(maxshrink * grid)` steps, keep per channel the p with the smallest sum |fq(W) - W|^norm,
     stop after `patience` steps in which no channel improved.
+
+Rounding: round-to-nearest by default. With a calibration Hessian H = E[x x^T] of the layer's
+inputs, `gptq_round` rounds the columns one by one and spreads each column's rounding error over
+the columns not yet rounded (the GPTQ update), which minimises the output error ||(W - Q) x||
+instead of ||W - Q||. The result is still one FP8 value per weight and the same scales, so the
+checkpoint format does not change.
 """
 from __future__ import annotations
 
@@ -98,6 +104,47 @@ def mse_scale(
     return best_scale
 
 
+def gptq_round(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    hessian: torch.Tensor,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = True,
+) -> torch.Tensor:
+    """FP8 weight for `w` [out, in] with the given scale ([out, 1] or [1]), rounded column by column
+    with the GPTQ error feedback under `hessian` [in, in] (sum or mean of x x^T over calibration
+    tokens). `damp` adds damp * mean(diag H) to the diagonal (a singular H from few tokens stays
+    invertible); `act_order` rounds the columns with the largest inputs first."""
+    out_dim, n = w.shape
+    if hessian.shape != (n, n):
+        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match the weight's {n} inputs")
+    W = w.detach().float().clone()
+    H = hessian.detach().double().clone()
+    s = scale.detach().float().reshape(-1, 1).expand(out_dim, 1)
+    dead = torch.diag(H) <= 0  # inputs that were always zero: their weights never matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype)
+    # upper Cholesky factor of H^-1: row i holds the update that column i's error makes on columns > i
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    Q = torch.empty_like(W)
+    for i0 in range(0, n, block):
+        i1 = min(i0 + block, n)
+        Wb, Ub = W[:, i0:i1], U[i0:i1, i0:i1]
+        Err = torch.empty_like(Wb)
+        for j in range(i1 - i0):
+            q = fake_quantize_fp8(Wb[:, j:j + 1], s)[:, 0]
+            Q[:, i0 + j] = q
+            Err[:, j] = (Wb[:, j] - q) / Ub[j, j]
+            Wb[:, j + 1:] -= Err[:, j:j + 1] * Ub[j:j + 1, j + 1:]
+        W[:, i1:] -= Err @ U[i0:i1, i1:]  # the block's errors on the later blocks, in one GEMM
+    # Q holds q * s exactly representable values: dividing by s again gives back the FP8 codes
+    return quantize_fp8(Q[:, torch.argsort(perm)], s)
+
+
 def observe_weight_scale(w: torch.Tensor, strategy: str = "channel", observer: str = "mse") -> torch.Tensor:
     """Scale for weight `w` ([out, 1] for channel, [1] for tensor) in w's dtype."""
     if observer == "mse":
@@ -108,10 +155,13 @@ def observe_weight_scale(w: torch.Tensor, strategy: str = "channel", observer: s
 
 
 def quantize_weight(
-    w: torch.Tensor, strategy: str = "channel", observer: str = "mse"
+    w: torch.Tensor, strategy: str = "channel", observer: str = "mse", hessian: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 weight, scale) for one [out, in] weight; the scale keeps the weight's dtype."""
+    """(fp8 weight, scale) for one [out, in] weight; the scale keeps the weight's dtype. With a
+    calibration `hessian` the weight is rounded by `gptq_round` (same scale)."""
     if not w.is_floating_point():
         raise ValueError(f"cannot quantize a {w.dtype} tensor")
     scale = observe_weight_scale(w, strategy, observer)
+    if hessian is not None:
+        return gptq_round(w, scale, hessian.to(w.device)), scale
     return quantize_fp8(w, scale), scale

@@ -7,8 +7,10 @@ import secrets
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.routing import Match
 
 from herd import __version__
 from herd.multimodal.media import MediaConnector
@@ -19,25 +21,45 @@ from herd.server.protocol import ChatCompletionRequest, CompletionRequest, Detok
 from herd.server.serving import DEFAULT_STREAM_WRITE_TIMEOUT, OpenAIServing, ServerSettings
 from herd.server.serving_chat import OpenAIServingChat, render_chat
 from herd.server.serving_completion import OpenAIServingCompletion
+from herd.server.serving_responses import OpenAIServingResponses, ResponsesRequest
 
 # Paths that need the API key: vLLM's prefixes, plus /tokenize and /detokenize, which spend
 # tokenizer time on the caller's input (/health, /metrics, /version, /ping, /load stay open).
 _GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/tokenize", "/detokenize")
+# Handlers vLLM leaves out of the HTTP request metrics.
+_UNMETERED = ("/metrics", "/health", "/load", "/ping", "/version", "/server_info")
+
+
+def route_path(scope) -> str:
+    """The path the routes see: with --root-path, a request that still carries the prefix (a proxy
+    that does not strip it) is routed without it, so the API-key check must look at it that way too."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):]
+    return path
 
 
 class APIKeyMiddleware:
-    """401 on guarded paths unless `Authorization: Bearer <key>` matches (constant-time compare).
-    A plain ASGI middleware, so streaming responses and disconnects pass through untouched."""
+    """401 on guarded paths unless `Authorization: Bearer <key>` matches (constant-time compare; the
+    scheme is case-insensitive, so `bearer <key>` works too). A plain ASGI middleware, so streaming
+    responses and disconnects pass through untouched."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: str | list[str]):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = [k.encode() for k in ([api_key] if isinstance(api_key, str) else api_key)]
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        # every key is compared (no early exit), so timing does not tell which one nearly matched
+        return any([secrets.compare_digest(token.strip(), key) for key in self.expected])
 
     async def __call__(self, scope, receive, send):
         if (scope["type"] == "http" and scope["method"] != "OPTIONS"
-                and scope["path"].startswith(_GUARDED_PREFIXES)):
+                and route_path(scope).startswith(_GUARDED_PREFIXES)):
             headers = dict(scope.get("headers") or ())
-            if not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
+            if not self._authorized(headers.get(b"authorization", b"")):
                 body = json.dumps({"error": "Unauthorized"}).encode()
                 await send({"type": "http.response.start", "status": 401,
                             "headers": [(b"content-type", b"application/json"),
@@ -104,6 +126,53 @@ class BodySizeLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+class HTTPMetricsMiddleware:
+    """The HTTP metrics vLLM exports through prometheus-fastapi-instrumentator: per request the
+    route template (`none` for paths no route knows), the method, the status class, the
+    Content-Length of request and response, and the time until the last body byte was sent (a
+    stream's whole length). vLLM's unmetered handlers (/metrics, /health, ...) are left out."""
+
+    def __init__(self, app, routes, metrics: ServerMetrics):
+        self.app, self.routes, self.metrics = app, routes, metrics
+
+    def _handler(self, scope) -> tuple[str, bool]:
+        partial = None
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return route.path, True
+            if match == Match.PARTIAL and partial is None:  # e.g. a known path with a wrong method
+                partial = route.path
+        return (partial, True) if partial is not None else (scope["path"], False)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        handler, templated = self._handler(scope)
+        if any(x in handler for x in _UNMETERED):
+            return await self.app(scope, receive, send)
+        handler = handler if templated else "none"
+        start, end = time.perf_counter(), None
+        status, response_bytes = 500, 0
+
+        async def metered_send(message):
+            nonlocal status, response_bytes, end
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                length = dict(message.get("headers") or ()).get(b"content-length", b"0")
+                response_bytes = int(length) if length.isdigit() else 0
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                end = time.perf_counter()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, metered_send)
+        finally:
+            length = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+            self.metrics.observe_http(scope["method"], status, handler, int(length) if length.isdigit() else 0,
+                                      response_bytes, (end or time.perf_counter()) - start)
+
+
 def settings_from_args(args, engine) -> ServerSettings:
     names = getattr(args, "served_model_name", None) or [getattr(args, "model", None) or engine.config.model.model]
     return ServerSettings(
@@ -114,7 +183,10 @@ def settings_from_args(args, engine) -> ServerSettings:
         response_role=getattr(args, "response_role", "assistant"),
         log_requests=getattr(args, "enable_log_requests", False),
         api_key=getattr(args, "api_key", None),
+        return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids", False),
         stream_write_timeout=getattr(args, "stream_write_timeout", DEFAULT_STREAM_WRITE_TIMEOUT),
+        enable_auto_tool_choice=getattr(args, "enable_auto_tool_choice", False),
+        tool_call_parser=getattr(args, "tool_call_parser", None),
         media=MediaConnector(allowed_local_media_path=getattr(args, "allowed_local_media_path", None),
                              allow_remote=getattr(args, "enable_remote_media", False)))
 
@@ -126,19 +198,29 @@ def build_app(engine, args) -> FastAPI:
     metrics = ServerMetrics(engine, settings.served_model_names[0], engine.engine.max_model_len)
     completion = OpenAIServingCompletion(engine, settings, metrics)
     chat = OpenAIServingChat(engine, settings, metrics)
+    responses = OpenAIServingResponses(engine, settings, metrics)
     base = OpenAIServing(engine, settings, metrics)
     created = int(time.time())
 
     app = FastAPI(title="herd OpenAI-compatible server", version=__version__)
+    # --root-path: the prefix a path-based proxy serves the app under; routes answer with and
+    # without it, and OpenAPI / docs links carry it (set as vLLM does, after construction)
+    app.root_path = getattr(args, "root_path", None) or ""
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     install_error_handlers(app)
-    # Added last = outermost: a request without the key is refused before its body is read.
+    # Added last = outermost: a request without the key is refused before its body is read; the
+    # HTTP metrics see those refusals too, and CORS headers go on every answer, 401s included.
     max_body = getattr(args, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES)
     body_timeout = getattr(args, "body_read_timeout", DEFAULT_BODY_READ_TIMEOUT)
     if max_body or body_timeout:
         app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body, timeout=body_timeout)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(HTTPMetricsMiddleware, routes=app.router.routes, metrics=metrics)
+    app.add_middleware(CORSMiddleware, allow_origins=getattr(args, "allowed_origins", None) or ["*"],
+                       allow_credentials=getattr(args, "allow_credentials", False),
+                       allow_methods=getattr(args, "allowed_methods", None) or ["*"],
+                       allow_headers=getattr(args, "allowed_headers", None) or ["*"])
 
     @app.get("/health")
     async def health():
@@ -173,11 +255,25 @@ def build_app(engine, args) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw_request: Request):
+        base.log_ignored_fields(request)
+        request.return_tokens_as_token_ids |= settings.return_tokens_as_token_ids
         return await completion.create_completion(request, raw_request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
+        base.log_ignored_fields(request)
+        request.return_tokens_as_token_ids |= settings.return_tokens_as_token_ids
         return await chat.create_chat_completion(request, raw_request)
+
+    @app.post("/v1/responses")
+    async def create_response(request: ResponsesRequest, raw_request: Request):
+        base.log_ignored_fields(request)
+        return await responses.create_response(request, raw_request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str):
+        raise OpenAIError(f"Response with id '{response_id}' not found: this server does not store responses.",
+                          404, param="response_id")
 
     def _tokenize(request: TokenizeRequest) -> dict:  # in a worker thread
         tok = engine.tokenizer
@@ -192,11 +288,13 @@ def build_app(engine, args) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest):
+        base.log_ignored_fields(request)
         base.model_name(request.model)
         return JSONResponse(await asyncio.to_thread(_tokenize, request))
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest):
+        base.log_ignored_fields(request)
         base.model_name(request.model)
         bad = [t for t in request.tokens if not 0 <= t < base.vocab_size]
         if bad:

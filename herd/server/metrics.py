@@ -2,12 +2,17 @@
 
 Engine gauges and token counters are read from the engine at scrape time; per-request
 histograms are observed by the server when a request ends. Everything lives in one
-CollectorRegistry per app. Metrics vLLM does not have use the `herd:` prefix.
+CollectorRegistry per app: vLLM's engine metrics, the HTTP metrics vLLM exports through
+prometheus-fastapi-instrumentator (same names, labels and buckets, observed by the app's
+middleware), and prometheus_client's process / platform / GC collectors, as on vLLM's
+default registry. Metrics vLLM does not have use the `herd:` prefix.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram, PlatformCollector,
+                               ProcessCollector, Summary, generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from herd.engine.outputs import RequestOutput
 
@@ -18,6 +23,11 @@ _TOKEN_LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.
                           5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
 _REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                             50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+_ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+# prometheus-fastapi-instrumentator's defaults (vLLM uses them unchanged).
+_HTTP_HIGHR_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5,
+                       7.5, 10, 30, 60]
+_HTTP_LOWR_BUCKETS = [0.1, 0.5, 1]
 _LABELS = ["model_name", "engine"]
 
 
@@ -59,8 +69,13 @@ class _EngineCollector:
                     s.num_waiting)
         yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
                     s.kv_cache_usage)
-        yield counter("vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
+        yield counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
                       s.num_preemptions)
+        yield counter("vllm:prefix_cache_queries",
+                      "Prefix cache queries, in terms of number of queried tokens.", s.prefix_cache_queries)
+        yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                      s.prefix_cache_hits)
+        yield self._iteration_tokens()
         yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens)
         yield counter("vllm:generation_tokens", "Number of generation tokens processed.",
                       s.generation_tokens)
@@ -74,6 +89,27 @@ class _EngineCollector:
         yield free
         yield total
 
+    def _iteration_tokens(self) -> HistogramMetricFamily:
+        """vLLM's vllm:iteration_tokens_total from the engine's exact per-step token counts."""
+        steps = getattr(self.engine.engine, "iteration_tokens", {}).copy()  # the engine thread adds to it
+        h = HistogramMetricFamily("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+                                  labels=_LABELS)
+        buckets = [(floatToGoString(b), sum(c for n, c in steps.items() if n <= b)) for b in _ITERATION_TOKEN_BUCKETS]
+        buckets.append(("+Inf", sum(steps.values())))
+        h.add_metric(self.labels, buckets, sum_value=sum(n * c for n, c in steps.items()))
+        return h
+
+
+def cache_config_labels(engine) -> dict[str, str]:
+    """vllm:cache_config_info labels: vLLM's CacheConfig field names for what herd has, as strings."""
+    cache = engine.config.cache
+    blocks = getattr(engine.engine, "num_blocks", {}) or {}
+    return {"block_size": str(cache.block_size), "cache_dtype": str(cache.kv_cache_dtype),
+            "enable_prefix_caching": str(cache.enable_prefix_caching),
+            "gpu_memory_utilization": str(cache.gpu_memory_utilization),
+            "num_gpu_blocks": str(sum(blocks.values())), "num_gpu_blocks_override": str(cache.num_kv_blocks),
+            "cpu_kvcache_space_bytes": str(int(cache.cpu_kv_cache_space_gib * (1 << 30))), "engine": "0"}
+
 
 class ServerMetrics:
     def __init__(self, engine, model_name: str, max_model_len: int):
@@ -81,6 +117,12 @@ class ServerMetrics:
         labels = [model_name, "0"]
         self.registry.register(_EngineCollector(engine, labels))
         reg = self.registry
+        ProcessCollector(registry=reg)
+        PlatformCollector(registry=reg)
+        GCCollector(registry=reg)
+        info = cache_config_labels(engine)
+        Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", list(info),
+              registry=reg).labels(**info).set(1)
 
         def hist(name, doc, buckets):
             return Histogram(name, doc, _LABELS, buckets=buckets, registry=reg).labels(*labels)
@@ -90,6 +132,9 @@ class ServerMetrics:
                          _TTFT_BUCKETS)
         self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
                         _TOKEN_LATENCY_BUCKETS)
+        # vLLM's older name for the same per-step gaps, still exported (and used by dashboards)
+        self.itl_v0 = hist("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.",
+                           _TOKEN_LATENCY_BUCKETS)
         self.tpot = hist("vllm:request_time_per_output_token_seconds",
                          "Histogram of time_per_output_token_seconds per request.", _TOKEN_LATENCY_BUCKETS)
         self.e2e = hist("vllm:e2e_request_latency_seconds",
@@ -116,6 +161,20 @@ class ServerMetrics:
         self._success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                 [*_LABELS, "finished_reason"], registry=reg)
         self._labels = labels
+        self.http_requests = Counter("http_requests_total", "Total number of requests by method, status and handler.",
+                                     ["method", "status", "handler"], registry=reg)
+        self.http_request_size = Summary(
+            "http_request_size_bytes", "Content length of incoming requests by handler. Only value of header is "
+            "respected. Otherwise ignored. No percentile calculated.", ["handler"], registry=reg)
+        self.http_response_size = Summary(
+            "http_response_size_bytes", "Content length of outgoing responses by handler. Only value of header is "
+            "respected. Otherwise ignored. No percentile calculated.", ["handler"], registry=reg)
+        self.http_latency_highr = Histogram(
+            "http_request_duration_highr_seconds", "Latency with many buckets but no API specific labels. Made for "
+            "more accurate percentile calculations.", buckets=_HTTP_HIGHR_BUCKETS, registry=reg)
+        self.http_latency = Histogram(
+            "http_request_duration_seconds", "Latency with only few buckets by handler. Made to be only used if "
+            "aggregation by handler is important.", ["method", "handler"], buckets=_HTTP_LOWR_BUCKETS, registry=reg)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -125,6 +184,16 @@ class ServerMetrics:
 
     def observe_token_gap(self, seconds: float):
         self.itl.observe(seconds)
+        self.itl_v0.observe(seconds)
+
+    def observe_http(self, method: str, status: int, handler: str, request_bytes: int, response_bytes: int,
+                     seconds: float):
+        """One HTTP request, as prometheus-fastapi-instrumentator records it (status grouped: 2xx, 4xx)."""
+        self.http_requests.labels(method, f"{str(status)[0]}xx", handler).inc()
+        self.http_request_size.labels(handler).observe(request_bytes)
+        self.http_response_size.labels(handler).observe(response_bytes)
+        self.http_latency_highr.observe(seconds)
+        self.http_latency.labels(method, handler).observe(seconds)
 
     def observe_request(self, out: RequestOutput, max_tokens: int, n: int):
         """A finished request: latencies from its timestamps, token counts, parameters."""

@@ -15,9 +15,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from herd.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from herd.engine.sampling_params import SamplingParams
-from herd.engine.tokenizer import partial_stop_length
-from herd.server.errors import OpenAIError
+from herd.engine.sampling_params import SamplingParams, SamplingParamsError
+from herd.engine.tokenizer import IncrementalDetokenizer, partial_stop_length
+from herd.server.errors import OpenAIError, error_body, to_openai_error
 from herd.server.metrics import ServerMetrics
 from herd.server.protocol import GENERATION_DEFAULTS
 
@@ -41,9 +41,13 @@ class ServerSettings:
     trust_request_chat_template: bool = False
     response_role: str = "assistant"
     log_requests: bool = False
-    api_key: str | None = None
+    api_key: str | list[str] | None = None     # any of these keys is accepted
+    return_tokens_as_token_ids: bool = False    # --return-tokens-as-token-ids: for every request
     media: object | None = None          # herd.multimodal.media.MediaConnector for image_url parts
     stream_write_timeout: float | None = DEFAULT_STREAM_WRITE_TIMEOUT  # None/0: wait forever
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # herd.server.tool_parsers name (--tool-call-parser)
+    ignored_fields: set[str] = field(default_factory=set)  # request fields already logged as ignored
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Prepared:
     params: SamplingParams
     text: str | None = None
     mm: object | None = None             # preprocessed images (LLMEngine.process_prompt)
+    echo_offsets: list[int] | None = None  # where each prompt token starts in `text` (echo + logprobs)
 
 
 @dataclass
@@ -99,6 +104,19 @@ def sse(obj) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+async def openai_stream(body: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The shared tail of chat and completion streams: the body's chunks, then `[DONE]`; a failure
+    after the 200 went out is reported in the stream as an OpenAI error event before `[DONE]`."""
+    try:
+        async with aclosing(body) as chunks:
+            async for chunk in chunks:
+                yield chunk
+    except Exception as e:
+        err = to_openai_error(e)
+        yield sse(error_body(err.message, err.status, err.type, err.param))
+    yield SSE_DONE
 
 
 class SlowConsumerError(Exception):
@@ -213,17 +231,47 @@ class OpenAIServing:
                 f"{len(text)} characters, more than the limit of {self.max_prompt_chars} "
                 f"({MAX_PROMPT_CHARS_PER_TOKEN} per token of context).", param="input_tokens")
 
+    def check_image_count(self, n: int, where: str, param: str) -> None:
+        """Refuse a request's `n` images before any is fetched or decoded: the model has no vision
+        tower (`where` names what holds them, e.g. "The prompt contains a markdown image"), or
+        there are more than --limit-mm-per-prompt allows."""
+        if not n:
+            return
+        proc = getattr(self.llm, "mm_processor", None)
+        if proc is None:
+            raise OpenAIError(f"{where}, but this model does not accept image input (it has no vision tower)",
+                              param=param)
+        try:
+            proc.check_image_count(n)
+        except ValueError as e:
+            raise OpenAIError(str(e), param=param) from None
+
     def sse(self, gen) -> SSEResponse:
         return SSEResponse(gen, write_timeout=self.settings.stream_write_timeout)
 
     def prepare(self, token_ids: list[int], request, text: str | None = None) -> Prepared:
         """Length, sampling and vocabulary checks in the caller's thread: a bad request gets its
         400 before anything reaches the engine."""
+        k = getattr(request, "truncate_prompt_tokens", None)
+        if k is not None and (k >= 1 or k == -1):  # the last k tokens (-1: as many as leave room)
+            token_ids = token_ids[-(self.max_model_len - 1 if k == -1 else k):]
         max_tokens = self.max_tokens_for(len(token_ids), request.requested_max_tokens())
         params = request.to_sampling_params(max_tokens, self.sampling_defaults)
         self.llm.check_prompt(token_ids, params)
         params.verify(self.vocab_size, self.settings.max_logprobs)
+        if params.structured_outputs is not None:  # compiled (and cached) here, off the engine thread
+            try:
+                self.llm.structured_output.compile(params)
+            except SamplingParamsError as e:
+                raise OpenAIError(str(e), param=request.structured_outputs_source() or e.parameter) from None
         return Prepared(token_ids, params, text)
+
+    def log_ignored_fields(self, request) -> None:
+        """Log request fields herd does not know (and so ignores), once per field name, as vLLM logs them."""
+        new = sorted(set(request.model_extra or ()) - self.settings.ignored_fields)
+        if new:
+            self.settings.ignored_fields.update(new)
+            logger.warning("The following fields were present in the request but ignored: %s", new)
 
     def new_request_id(self, prefix: str, request) -> str:
         return request.request_id or f"{prefix}-{uuid.uuid4().hex}"
@@ -342,6 +390,18 @@ class OpenAIServing:
             content.append({**item(token_id, sampled),
                             "top_logprobs": [item(t, entry[t]) for _, t in ranked[:limit]]})
         return {"content": content}
+
+
+def prompt_text_offsets(tokenizer, token_ids: list[int], text: str, skip_special_tokens: bool) -> list[int]:
+    """Where each prompt token starts in the echoed prompt text: the length of the text the tokens
+    before it decode to (so an added BOS, or the first bytes of a split character, take no room),
+    capped at len(text). Non-decreasing, and never past the completion's first offset."""
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+    offsets = []
+    for token_id in token_ids:
+        offsets.append(min(len(detok.output_text), len(text)))
+        detok.add(token_id)
+    return offsets
 
 
 def prompt_logprobs_json(prompt_logprobs) -> list | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from contextlib import aclosing
 
@@ -9,10 +10,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from herd.engine.sampling_params import SamplingParams
-from herd.server.errors import OpenAIError, error_body, to_openai_error
+from herd.server.errors import OpenAIError
 from herd.server.protocol import CompletionRequest
-from herd.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, Prepared,
-                                 UsageTracker, finish_fields, now, prompt_logprobs_json, run_until_disconnect,
+from herd.server.serving import (ChoiceCursor, OpenAIServing, Prepared, UsageTracker, finish_fields, now,
+                                 openai_stream, prompt_logprobs_json, prompt_text_offsets, run_until_disconnect,
                                  sse)
 
 
@@ -69,15 +70,21 @@ class OpenAIServingCompletion(OpenAIServing):
                                              SamplingParams())
         prep = self.prepare(ids, request, prompt)
         prep.mm = mm
+        return self._with_echo_offsets(prep, request, skip_special_tokens=True)
+
+    def _with_echo_offsets(self, prep: Prepared, request: CompletionRequest, skip_special_tokens: bool) -> Prepared:
+        if request.echo and request.logprobs is not None and prep.text is not None:
+            prep.echo_offsets = prompt_text_offsets(self.tokenizer, prep.token_ids, prep.text, skip_special_tokens)
         return prep
 
     def _prepare_all(self, request: CompletionRequest) -> list[Prepared]:
         """Tokenize and check every prompt; runs in a worker thread, never on the event loop."""
         preps = []
-        images_ok = getattr(self.llm, "mm_processor", None) is not None
         for prompt in request.prompts():
             if isinstance(prompt, str):
-                spans = find_md_images(prompt) if images_ok else []
+                spans = find_md_images(prompt)
+                # on a text model, else the image's URL (base64 and all) would be read as text
+                self.check_image_count(len(spans), "The prompt contains a markdown image `![](...)`", "prompt")
                 # (image URLs, data URLs included, do not count: they are not tokenized)
                 self.check_prompt_chars(replace_md_images(prompt, spans, "<|image|>") if spans else prompt)
                 if spans:
@@ -95,15 +102,19 @@ class OpenAIServingCompletion(OpenAIServing):
                     text = None
                 else:
                     text = self.tokenizer.decode(ids, skip_special_tokens=False) if request.echo else None
-            preps.append(self.prepare(ids, request, text))
+            # (an echoed text prompt is the caller's string, without the special tokens added to it)
+            preps.append(self._with_echo_offsets(self.prepare(ids, request, text), request,
+                                                 skip_special_tokens=isinstance(prompt, str)))
         return preps
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         model = self.model_name(request.model)
+        if request.suffix is not None:  # vLLM's message, which fill-in-the-middle clients look for
+            raise OpenAIError("suffix is not currently supported", param="suffix")
         preps = await asyncio.to_thread(self._prepare_all, request)
         request_id = self.new_request_id("cmpl", request)
         if request.stream:
-            return self.sse(self._stream(request, preps, request_id, model))
+            return self.sse(openai_stream(self._stream(request, preps, request_id, model)))
         finals = await run_until_disconnect(raw_request, self.collect(preps, request_id))
         if finals is None:  # the client went away
             return Response(status_code=499)
@@ -116,12 +127,24 @@ class OpenAIServingCompletion(OpenAIServing):
         text = prep.text or ""
         if request.logprobs is None:
             return text, None
-        return text, self.completion_logprobs(out.prompt_token_ids, out.prompt_logprobs or [], 0,
-                                              request.return_tokens_as_token_ids)
+        lps = self.completion_logprobs(out.prompt_token_ids, out.prompt_logprobs or [], 0,
+                                       request.return_tokens_as_token_ids)
+        # offsets into the echoed text (an added BOS takes no room), so the completion's continue them
+        lps["text_offset"] = prep.echo_offsets or [min(x, len(text)) for x in lps["text_offset"]]
+        return text, lps
+
+    @staticmethod
+    def _scored_only(out):
+        """echo with max_tokens 0: the one token sampled after the prompt is not part of the answer."""
+        return dataclasses.replace(out, outputs=[
+            dataclasses.replace(o, text="", token_ids=[], logprobs=None if o.logprobs is None else [])
+            for o in out.outputs])
 
     def _response(self, request, preps, finals, request_id, model) -> dict:
         choices, usage = [], UsageTracker()
         for i, (prep, out) in enumerate(zip(preps, finals)):
+            if request.echo_only:
+                out = self._scored_only(out)
             usage.update(i, out)
             first = len(choices)
             prefix, prefix_lps = self._echo_prefix(request, prep, out)
@@ -153,39 +176,36 @@ class OpenAIServingCompletion(OpenAIServing):
                 body["usage"] = usage.as_dict()
             return sse(body)
 
-        try:
-            async with aclosing(self.merged(preps, request_id)) as stream:
-                async for i, out in stream:
-                    prep = preps[i]
-                    usage.update(i, out)
-                    for o in out.outputs:
-                        cur = cursors.setdefault((i, o.index), ChoiceCursor())
-                        if cur.finished:  # n > 1: this sample ended in an earlier output
-                            continue
-                        sent_before = cur.text_sent
-                        delta, t0, t1 = cur.advance(o, prep.params)
-                        prefix, prefix_lps = ("", None)
-                        if not cur.started:
-                            prefix, prefix_lps = self._echo_prefix(request, prep, out)
-                            cur.echo_len = len(prefix)
-                        logprobs = None
-                        if request.logprobs is not None:
-                            logprobs = self.completion_logprobs(o.token_ids[t0:t1], (o.logprobs or [])[t0:t1],
-                                                                cur.echo_len + sent_before,
-                                                                request.return_tokens_as_token_ids)
-                            if prefix_lps is not None:
-                                logprobs = {k: prefix_lps[k] + logprobs[k] for k in logprobs}
-                        has_tokens = logprobs is not None and t1 > t0
-                        if not (prefix or delta or has_tokens or cur.finished):
-                            continue
-                        cur.started = True
-                        yield chunk([{"index": i * request.n + o.index, "text": prefix + delta,
-                                      "logprobs": logprobs, **finish_fields(o)}],
-                                    with_usage=request.continuous_usage)
-            if request.include_usage:
-                yield chunk([], with_usage=True)
-        except Exception as e:  # the 200 is already sent: report the error in the stream
-            err = to_openai_error(e)
-            yield sse(error_body(err.message, err.status, err.type, err.param))
-        yield SSE_DONE
+        async with aclosing(self.merged(preps, request_id)) as stream:
+            async for i, out in stream:
+                prep = preps[i]
+                if request.echo_only:
+                    out = self._scored_only(out)
+                usage.update(i, out)
+                for o in out.outputs:
+                    cur = cursors.setdefault((i, o.index), ChoiceCursor())
+                    if cur.finished:  # n > 1: this sample ended in an earlier output
+                        continue
+                    sent_before = cur.text_sent
+                    delta, t0, t1 = cur.advance(o, prep.params)
+                    prefix, prefix_lps = ("", None)
+                    if not cur.started:
+                        prefix, prefix_lps = self._echo_prefix(request, prep, out)
+                        cur.echo_len = len(prefix)
+                    logprobs = None
+                    if request.logprobs is not None:
+                        logprobs = self.completion_logprobs(o.token_ids[t0:t1], (o.logprobs or [])[t0:t1],
+                                                            cur.echo_len + sent_before,
+                                                            request.return_tokens_as_token_ids)
+                        if prefix_lps is not None:
+                            logprobs = {k: prefix_lps[k] + logprobs[k] for k in logprobs}
+                    has_tokens = logprobs is not None and t1 > t0
+                    if not (prefix or delta or has_tokens or cur.finished):
+                        continue
+                    cur.started = True
+                    yield chunk([{"index": i * request.n + o.index, "text": prefix + delta,
+                                  "logprobs": logprobs, **finish_fields(o)}],
+                                with_usage=request.continuous_usage)
+        if request.include_usage:
+            yield chunk([], with_usage=True)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from herd.quant.compressed_tensors.config import herd_to_hf_modules
+from herd.quant.compressed_tensors.config import checkpoint_ffn_name, herd_to_hf_modules
 
 
 def _amax(x: torch.Tensor) -> float:
@@ -72,10 +72,11 @@ def measure_input_amax(
     if getattr(model, "tp", None) is not None and model.tp.size != 1:
         raise ValueError("activation calibration runs on a single rank (tensor_parallel_size 1)")
     recorder = _AmaxRecorder()
+    ffn = checkpoint_ffn_name(getattr(model, "config", None))  # amax keys: the checkpoint's names
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, (LinearBase, ParallelLMHead)):
-            hf_names = herd_to_hf_modules(name, hf_prefix)
+            hf_names = herd_to_hf_modules(name, hf_prefix, ffn=ffn)
             handles.append(module.register_forward_pre_hook(
                 lambda m, args, hf_names=hf_names: recorder.update(hf_names, _amax(args[0]))))
         elif isinstance(module, FusedMoE):

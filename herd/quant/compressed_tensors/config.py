@@ -9,8 +9,9 @@ from typing import Any, Iterable
 
 QUANT_METHOD = "compressed-tensors"
 FLOAT_QUANTIZED = "float-quantized"
-# The compressed-tensors release whose float-quantized layout these files follow.
-FORMAT_VERSION = "0.9.3"
+# The compressed-tensors release whose config layout these files follow: the one llm-compressor
+# 0.14 pins (per-group `format`, `scale_dtype` / `zp_dtype` in every QuantizationArgs).
+FORMAT_VERSION = "0.19.0"
 
 # llm-compressor's Llama 4 recipe: keep the LM head, attention, routers and the vision side in bf16.
 DEFAULT_IGNORE = (
@@ -36,14 +37,17 @@ class QuantizationArgs:
     block_structure: list[int] | None = None
     actorder: str | None = None
     observer_kwargs: dict = field(default_factory=dict)
+    scale_dtype: str | None = None   # None: the scales have the weight's dtype
+    zp_dtype: str | None = None      # None for symmetric schemes (no zero points are stored)
 
     def to_dict(self) -> dict[str, Any]:
+        """compressed-tensors 0.19's fields (what llm-compressor 0.14 writes)."""
         return {
             "num_bits": self.num_bits, "type": self.type, "symmetric": self.symmetric,
-            "strategy": self.strategy, "group_size": self.group_size,
+            "group_size": self.group_size, "strategy": self.strategy,
             "block_structure": self.block_structure, "dynamic": self.dynamic,
-            "actorder": self.actorder, "observer": self.observer,
-            "observer_kwargs": dict(self.observer_kwargs),
+            "actorder": self.actorder, "scale_dtype": self.scale_dtype, "zp_dtype": self.zp_dtype,
+            "observer": self.observer, "observer_kwargs": dict(self.observer_kwargs),
         }
 
     @classmethod
@@ -58,6 +62,7 @@ class QuantizationArgs:
             type=str(d.get("type", "int")).lower(), symmetric=bool(d.get("symmetric", True)),
             group_size=d.get("group_size"), block_structure=d.get("block_structure"),
             actorder=d.get("actorder"), observer_kwargs=dict(d.get("observer_kwargs") or {}),
+            scale_dtype=d.get("scale_dtype"), zp_dtype=d.get("zp_dtype"),
         )
 
     @property
@@ -90,9 +95,10 @@ def fp8_scheme(name: str, observer: str = "mse") -> FP8Scheme:
             QuantizationArgs("token", dynamic=True, observer=None),
         )
     if name == "fp8":
+        # herd's calibration keeps the true running max of the inputs: compressed-tensors' static_minmax
         return FP8Scheme(
             name, QuantizationArgs("tensor", observer=observer),
-            QuantizationArgs("tensor", dynamic=False, observer="minmax"),
+            QuantizationArgs("tensor", dynamic=False, observer="static_minmax"),
         )
     raise ValueError(f"unknown scheme {name!r}; expected one of {SCHEME_NAMES}")
 
@@ -106,6 +112,7 @@ def build_quantization_config(scheme: FP8Scheme, ignore: Iterable[str]) -> dict[
                 "weights": scheme.weights.to_dict(),
                 "input_activations": scheme.input_activations.to_dict(),
                 "output_activations": None,
+                "format": FLOAT_QUANTIZED,
             }
         },
         "format": FLOAT_QUANTIZED,
@@ -127,9 +134,23 @@ FUSED_TO_HF = {
 }
 
 
-def herd_to_hf_modules(name: str, hf_prefix: str = "", num_experts: int | None = None) -> list[str]:
+# Dense Llama 1-3 checkpoints (and llm-compressor recipes for them) call a decoder layer's FFN
+# `mlp`, where herd's decoder (Llama 4's layout) says `feed_forward`.
+DENSE_LLAMA_ARCHS = frozenset({"LlamaForCausalLM"})
+_HERD_FFN = re.compile(r"((?:^|\.)layers\.\d+)\.feed_forward\.")
+
+
+def checkpoint_ffn_name(hf_config) -> str:
+    """What the checkpoint calls herd's `feed_forward` (`hf_config`: herd's Llama4TextConfig)."""
+    return "mlp" if getattr(hf_config, "architecture", None) in DENSE_LLAMA_ARCHS else "feed_forward"
+
+
+def herd_to_hf_modules(name: str, hf_prefix: str = "", num_experts: int | None = None,
+                       ffn: str = "feed_forward") -> list[str]:
     """HF module names behind herd module `name` (`hf_prefix`: "language_model." for a multimodal
-    checkpoint). A FusedMoE (`...feed_forward.experts`) needs `num_experts`."""
+    checkpoint; `ffn`: checkpoint_ffn_name). A FusedMoE (`...feed_forward.experts`) needs `num_experts`."""
+    if ffn != "feed_forward":
+        name = _HERD_FFN.sub(rf"\1.{ffn}.", name)
     if name.endswith(".experts"):
         if num_experts is None:
             raise ValueError(f"{name}: num_experts is needed to name the per-expert modules")
@@ -185,10 +206,11 @@ class CompressedTensorsFP8Config:
     def is_quantized(self, module_name: str) -> bool:
         return not self.is_ignored(module_name)
 
-    def is_layer_skipped(self, prefix: str, hf_prefix: str = "", num_experts: int | None = None) -> bool:
+    def is_layer_skipped(self, prefix: str, hf_prefix: str = "", num_experts: int | None = None,
+                         ffn: str = "feed_forward") -> bool:
         """Whether herd module `prefix` (fused names: qkv_proj, gate_up_proj, experts) stays unquantized.
         All HF modules stacked in it must agree, as vLLM requires."""
-        shards = herd_to_hf_modules(prefix, hf_prefix, num_experts)
+        shards = herd_to_hf_modules(prefix, hf_prefix, num_experts, ffn)
         skipped = {s: self.is_ignored(s) for s in shards}
         if len(set(skipped.values())) > 1:
             raise ValueError(f"{prefix}: its parts must be all quantized or all ignored, got {skipped}")

@@ -13,6 +13,7 @@ import sys
 
 from herd.quant.compressed_tensors.config import DEFAULT_IGNORE, SCHEME_NAMES
 from herd.quant.observers import OBSERVERS
+from herd.quant.recovery import add_bf16_arguments
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -42,9 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="more modules to keep unquantized, added to the ignore list")
     parser.add_argument("--observer", choices=OBSERVERS, default="mse",
                         help="weight scale observer (mse: shrink-factor grid search; minmax: amax/448)")
+    parser.add_argument("--rounding", choices=("gptq", "nearest"), default="nearest",
+                        help="FP8 weight rounding: nearest (default) or gptq (each column's rounding error spread "
+                             "over the others with Hessians from --calib-data; same format and scales)")
+    add_bf16_arguments(parser)
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB", help="output shard size (default 5GB)")
     parser.add_argument("--device", default="cpu", help="device for the observer math (e.g. cuda)")
-    calib = parser.add_argument_group("static activation scales (--scheme fp8)")
+    calib = parser.add_argument_group("calibration text (static activation scales of --scheme fp8, GPTQ "
+                                      "rounding, bf16 layer choice)")
     calib.add_argument("--input-amax", metavar="JSON", help="precomputed {HF module name: max |input|}")
     calib.add_argument("--calib-data", metavar="FILE",
                        help=".txt (one prompt per line) or .jsonl ('text' or 'prompt' field)")
@@ -61,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _input_amax(args) -> dict[str, float] | None:
     if args.scheme != "fp8":
-        if args.input_amax or args.calib_data:
-            print("note: --input-amax / --calib-data are only used by --scheme fp8", file=sys.stderr)
+        if args.input_amax:
+            print("note: --input-amax is only used by --scheme fp8", file=sys.stderr)
         return None
     if args.input_amax:
         with open(args.input_amax) as f:
@@ -79,15 +85,49 @@ def _input_amax(args) -> dict[str, float] | None:
     return amax
 
 
+def _accuracy_plan(args, ignore: list[str]):
+    """GPTQ Hessians and the sensitive layers to keep in bf16 (herd.quant.recovery)."""
+    from herd.quant.compressed_tensors.config import fp8_scheme, is_ignored
+    from herd.quant.recovery import plan
+
+    seqs, text = None, "the built-in passage"
+    if args.calib_data:
+        from herd.quant.compressed_tensors.calib import load_calibration_sequences
+
+        seqs = load_calibration_sequences(args.calib_data, args.model, args.num_calibration_samples,
+                                          args.max_seq_length)
+        text = f"{len(seqs)} samples of {args.calib_data}"
+    return plan(args.model, lambda name: not is_ignored(name, ignore), args.bf16_layers, seqs, text,
+                gptq=args.rounding == "gptq", strategy=fp8_scheme(args.scheme, args.observer).weights.strategy,
+                device=args.device, progress=not args.no_progress)
+
+
+def kept_bf16_reasons(ignored: list[str], ignore: list[str], accuracy) -> dict[str, str]:
+    """Why each unquantized Linear stays bf16: a measured sensitivity, or the ignore list's pattern."""
+    from herd.quant.compressed_tensors.config import match_name
+
+    measured = accuracy.reasons()
+    out = {}
+    for name in ignored:
+        if name in measured:
+            out[name] = measured[name]
+        else:
+            hits = [p for p in ignore if match_name(name, p)]
+            out[name] = f"ignore list ({hits[0]})" if hits else "tied to the input embedding"
+    return out
+
+
 def run(args) -> int:
     from herd.quant.compressed_tensors.writer import quantize_checkpoint
 
     try:
         ignore = list(DEFAULT_IGNORE if args.ignore is None else args.ignore) + list(args.extra_ignore)
+        accuracy = _accuracy_plan(args, ignore)
+        ignore += accuracy.kept_modules()
         result = quantize_checkpoint(
             args.model, args.output, scheme=args.scheme, ignore=ignore, observer=args.observer,
             input_amax=_input_amax(args), max_shard_bytes=args.max_shard_size, device=args.device,
-            progress=not args.no_progress,
+            progress=not args.no_progress, hessians=accuracy.hessians,
         )
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"herd quantize: error: {err}", file=sys.stderr)
@@ -96,8 +136,14 @@ def run(args) -> int:
         if pattern in DEFAULT_IGNORE:
             continue  # e.g. no vision tower in a text-only checkpoint
         print(f"warning: ignore pattern {pattern!r} matched no Linear module", file=sys.stderr)
+    if result.tied_lm_head is not None:
+        print(f"note: {result.tied_lm_head} is tied to the input embedding: kept unquantized and listed "
+              "in the config's ignore list", file=sys.stderr)
     print(f"wrote {result.output_path}: {len(result.quantized)} Linear modules in FP8 ({args.scheme}), "
           f"{len(result.ignored)} kept unquantized, {len(result.shards)} shard(s)")
+    if accuracy.format():
+        print(accuracy.format())
+    kept_bf16 = kept_bf16_reasons(result.ignored, ignore, accuracy)
     if not args.no_report:
         from herd.quant.accuracy_report import quantization_report
 
@@ -110,6 +156,7 @@ def run(args) -> int:
         except (OSError, ValueError, KeyError, RuntimeError) as err:  # the export itself is done
             print(f"warning: accuracy report skipped: {type(err).__name__}: {err}", file=sys.stderr)
             return 0
+        report.kept_bf16 = kept_bf16
         print(report.format())
         path = os.path.join(str(result.output_path), "quantization_report.json")
         report.save(path)

@@ -89,6 +89,7 @@ class ShardWriter:
         for i, names in enumerate(self._shards):
             fn = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self._tmp(i), os.path.join(self.out_dir, fn))
+            os.chmod(os.path.join(self.out_dir, fn), 0o644)  # safetensors writes 0600; others must read it
             weight_map.update((name, fn) for name in names)
             files.append(fn)
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
@@ -104,6 +105,17 @@ class QuantizeResult:
     ignored: list[str] = field(default_factory=list)  # Linear modules kept in the source dtype
     unused_ignore_patterns: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
+    tied_lm_head: str | None = None  # an LM head that shares the embedding (kept unquantized)
+
+
+def tied_lm_head(hf_config: dict, tensor_names: Iterable[str]) -> str | None:
+    """The LM head module of a checkpoint whose head is tied to the input embedding (no tensor of its
+    own), or None. transformers builds it as an nn.Linear, so compressed-tensors' `Linear` target
+    matches it: it must be named in `ignore`, or transformers expects a `weight_scale` for it."""
+    text = hf_config.get("text_config") if isinstance(hf_config.get("text_config"), dict) else {}
+    name = "language_model.lm_head" if text else "lm_head"
+    tied = text.get("tie_word_embeddings", hf_config.get("tie_word_embeddings", True))
+    return name if tied and f"{name}.weight" not in set(tensor_names) else None
 
 
 def _source_units(folder: SafetensorsFolder, name: str) -> Iterator[tuple[str, torch.Tensor, bool]]:
@@ -170,6 +182,7 @@ def quantize_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> QuantizeResult:
     """Write an FP8 compressed-tensors copy of the HF checkpoint at `model_path` to `output_path`.
 
@@ -177,6 +190,8 @@ def quantize_checkpoint(
     scheme "fp8": per-tensor weight scales and static input scales from `input_amax`, a dict
     HF module name -> max |input| measured on calibration data (see compressed_calib.py).
     `ignore`: exact module names or `re:` regexes (re.match) of Linears to keep unquantized.
+    `hessians`: HF module name -> calibration H = E[x x^T] (herd.quant.hessian); those weights are
+    rounded with GPTQ error feedback instead of to nearest (same scales, same format).
     """
     fp8 = fp8_scheme(scheme, observer)
     if observer not in OBSERVERS:
@@ -217,13 +232,18 @@ def quantize_checkpoint(
                         result.ignored.append(out_name)
                         writer.add(out_name + ".weight", tensor)
                         continue
-                    q, scale = quantize_weight(tensor.to(device), fp8.weights.strategy, observer)
+                    q, scale = quantize_weight(tensor.to(device), fp8.weights.strategy, observer,
+                                               (hessians or {}).get(out_name))
                     writer.add(out_name + ".weight", q)
                     writer.add(out_name + ".weight_scale", scale)
                     if fp8.static_input:
                         writer.add(out_name + ".input_scale", scale_from_amax(input_amax[out_name], tensor.dtype))
                     result.quantized.append(out_name)
                 bar.update(sizes[name])
+            result.tied_lm_head = tied_lm_head(hf_config, names)
+            if result.tied_lm_head is not None:  # no tensor of its own, but a module that stays bf16
+                used_patterns.update(p for p in ignore if match_name(result.tied_lm_head, p))
+                result.ignored.append(result.tied_lm_head)
             result.shards = writer.finish()
         except BaseException:
             writer.abort()  # no half-written shards left behind

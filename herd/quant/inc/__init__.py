@@ -15,9 +15,10 @@ from herd.quant.inc.config import DEFAULT_INC_VERSION, IncQuantConfig, ModuleFil
 from herd.quant.inc.measure import MeasurementCollector, Measurements, NodeStats, backup_existing
 from herd.quant.inc.scale_methods import (PRESETS, Granularity, MethodSpec, Rounding, ScaleMethod, ScaleMethodTable,
                                     TensorRule, ValueType)
-from herd.quant.inc.nodes import (INC_CLASSES, MULTIMODAL_PREFIX, NODE_TYPES, IncNode, find_measurement_sets,
+from herd.quant.inc.nodes import (ATTENTION_OPS, INC_CLASSES, MULTIMODAL_PREFIX, NODE_TYPES,
+                                  UNMEASURED_ATTENTION_OPS, IncNode, NodeNaming, find_measurement_sets,
                                   herd_target, inc_nodes_for_module, infer_node_class, is_selected,
-                                  measurement_stem, node_weight, rank_suffix, scale_stem)
+                                  measurement_stem, node_weight, rank_stems, rank_suffix, scale_stem)
 from herd.quant.inc.scales import (NodeScales, ScaleFile, activation_scale, compute_scales, fill_cold_experts,
                                    node_scales, round_scale, scale_file_stem, scales_for_rank,
                                    weight_scale)
@@ -28,10 +29,10 @@ __all__ = [
     "DEFAULT_INC_VERSION", "IncQuantConfig", "ModuleFilter", "QuantConfigError",
     "MeasurementCollector", "Measurements", "NodeStats", "backup_existing",
     "PRESETS", "Granularity", "MethodSpec", "Rounding", "ScaleMethod", "ScaleMethodTable", "TensorRule",
-    "ValueType", "INC_CLASSES", "MULTIMODAL_PREFIX", "NODE_TYPES", "IncNode", "find_measurement_sets",
-    "herd_target", "inc_nodes_for_module", "infer_node_class", "is_selected", "measurement_stem",
-    "node_weight", "rank_suffix", "scale_stem", "NodeScales", "ScaleFile", "activation_scale",
-    "compute_scales", "fill_cold_experts", "node_scales", "round_scale", "scale_file_stem", "scales_for_rank",
+    "ValueType", "ATTENTION_OPS", "INC_CLASSES", "MULTIMODAL_PREFIX", "NODE_TYPES", "UNMEASURED_ATTENTION_OPS",
+    "IncNode", "NodeNaming", "find_measurement_sets", "herd_target", "inc_nodes_for_module", "infer_node_class",
+    "is_selected", "measurement_stem", "node_weight", "rank_stems", "rank_suffix", "scale_stem",
+    "NodeScales", "ScaleFile", "activation_scale", "compute_scales", "fill_cold_experts", "node_scales", "round_scale", "scale_file_stem", "scales_for_rank",
     "weight_scale",
     "coverage_report", "expand_experts", "format_coverage", "load_rank_set", "overlapping_ranks",
     "postprocess", "unify", "unify_files", "write_coverage_report",

@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from herd.engine.arg_utils import parse_length
 from herd.quant.formats import ScaleDevice
+from herd.quant.recovery import add_bf16_arguments, add_to_blocklist, gptq_for_inc, keep_bf16_for_inc
 from herd.quant.inc.config import IncQuantConfig
 from herd.quant.inc.scale_methods import PRESETS, ScaleMethod
-from herd.quant.inc.nodes import find_measurement_sets
+from herd.quant.inc.nodes import UNMEASURED_ATTENTION_OPS, find_measurement_sets
 from herd.quant.inc.unify import (coverage_report, format_coverage, load_rank_set, postprocess, unify_files,
                                   write_coverage_report)
 
@@ -56,12 +58,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-u", "--expert-parallel", action="store_true",
                         help="measurements come from an expert-parallel run: unify by concatenating "
                              "each rank's experts instead of taking the max")
-    parser.add_argument("--max-model-len", type=int, default=2048,
+    parser.add_argument("-g", "--card-groups", metavar="GROUPS",
+                        help="calibrate_model.sh's -g: unify groups of adjacent ranks, e.g. 0,1--2,3 for -t 4 "
+                             "(the same as -r 2)")
+    parser.add_argument("-e", "--enforce-eager", action="store_true",
+                        help="calibrate_model.sh's -e: measure without CUDA graphs or compiled decode")
+    parser.add_argument("--max-model-len", type=parse_length, default=2048,
                         help="context length while measuring; longer prompts are truncated (default 2048)")
     parser.add_argument("--dtype", default="auto", help="model dtype while measuring (default: the checkpoint's)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "g2", "g3"],
                         help="accelerator the scales are for: cuda (E4M3FN, any float scale), g2 (Gaudi2, "
                              "range 240) or g3 (Gaudi3); names the config files (default: cuda)")
+    add_bf16_arguments(parser)
+    parser.add_argument("--blocklist-names", nargs="+", default=[], metavar="REGEX",
+                        help="node-name regexes added to the QUANTIZE config's blocklist (left in bf16), e.g. "
+                             "'self_attn\\.(qkv|o)_proj$' for the compressed-tensors recipe's bf16 attention")
+    parser.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
+                        help="gptq: round the weights onto INC's per-channel power-of-two FP8 grid with GPTQ error "
+                             "feedback from the calibration prompts, in a bf16 copy <OUT>/<model>/gptq-bf16 that "
+                             "is measured and served (needs a *_weights_pcs_maxabs_pow2 --scale-method)")
     static = [m.value for m in ScaleMethod if not PRESETS[m].dynamic]
     parser.add_argument("--scale-method", default="maxabs_hw", type=str.lower, choices=static, metavar="METHOD",
                         help="scale_method written into the QUANTIZE config (default: maxabs_hw); one of "
@@ -95,7 +110,8 @@ def _read_pickle(path: Path):
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "pandas":
             raise RuntimeError(f"{path} holds a pandas DataFrame but pandas is not installed; "
-                               "`pip install pandas`, or convert the file to JSON Lines") from None
+                               "`pip install 'herd[calibrate]'` (or pandas), or convert the file to JSON "
+                               "Lines") from None
         raise
 
 
@@ -194,18 +210,24 @@ def model_name_of(model_path: str) -> str:
     return Path(str(model_path).rstrip("/")).name.lower()
 
 
+# vLLM-HPU attention ops herd does not measure (see herd.quant.inc.nodes.ATTENTION_OPS): blocked,
+# so INC leaves them in bf16 instead of failing on a module without measurements.
+BLOCKLIST = {"types": [], "names": list(UNMEASURED_ATTENTION_OPS)}
+
+
 def write_quant_configs(model_root: Path, device: str, scale_method: str = "maxabs_hw") -> tuple[Path, Path, Path]:
     """Write maxabs_measure_<dev>.json and maxabs_quant_<dev>.json (the configs calibrate_model.sh
-    generates); returns (measure config, quant config, dump_stats_path prefix)."""
+    generates, plus the blocklist of the attention ops herd does not measure); returns
+    (measure config, quant config, dump_stats_path prefix). Every key and value is one INC's
+    Fp8cfg.parse accepts: the CUDA configs differ from the Gaudi ones only in their file names (herd
+    computes CUDA scales for any config it runs; INC on Gaudi computes its device's scales)."""
     dev = ScaleDevice.parse(device)
     prefix = (model_root / dev.tag / "inc_output").resolve()
     empty = {"types": [], "names": []}
     measure = {"method": "HOOKS", "mode": "MEASURE", "observer": "maxabs", "allowlist": empty,
-               "blocklist": empty, "quantize_weight": False, "dump_stats_path": str(prefix)}
+               "blocklist": BLOCKLIST, "quantize_weight": False, "dump_stats_path": str(prefix)}
     quant = {"mode": "QUANTIZE", "observer": "maxabs", "scale_method": scale_method, "allowlist": empty,
-             "blocklist": empty, "dump_stats_path": str(prefix)}
-    if dev is ScaleDevice.CUDA:  # Gaudi configs stay byte-for-byte what INC expects (current device)
-        quant["device_for_scales"] = "CUDA"
+             "blocklist": BLOCKLIST, "dump_stats_path": str(prefix)}
     model_root.mkdir(parents=True, exist_ok=True)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = model_root / f"maxabs_measure_{dev.tag}.json", model_root / f"maxabs_quant_{dev.tag}.json"
@@ -216,8 +238,27 @@ def write_quant_configs(model_root: Path, device: str, scale_method: str = "maxa
 
 
 # ---- the engine seam ----------------------------------------------------------------------------
+def card_groups_to_ranks(groups: str, world: int) -> int:
+    """-g `0,1--2,3`: target rank i is the max over group i. herd unifies adjacent ranks (TP shards
+    are contiguous), so the groups must be equal runs of adjacent ranks in order covering 0..world-1;
+    the result is the number of groups."""
+    try:
+        parsed = [[int(r) for r in g.split(",")] for g in groups.split("--")]
+    except ValueError:
+        raise ValueError(f"-g {groups!r}: expected card indices separated by commas, groups by '--' "
+                         "(e.g. 0,1--2,3)") from None
+    size = len(parsed[0])
+    expected = [list(range(i * size, (i + 1) * size)) for i in range(len(parsed))]
+    if parsed != expected or len(parsed) * size != world:
+        raise ValueError(f"-g {groups!r}: herd unifies equal groups of adjacent ranks in order covering all "
+                         f"{world} measured ranks (e.g. {'--'.join(','.join(map(str, g)) for g in expected[:2])}"
+                         f"{'--...' if len(expected) > 2 else ''}); use -r for other target sizes")
+    return len(parsed)
+
+
 def measure(model_path: str, prompts: list[str], measure_config: Path, batch_size: int, tp: int,
-            max_model_len: int = 2048, dtype: str = "auto", max_tokens: int = 16) -> None:
+            max_model_len: int = 2048, dtype: str = "auto", max_tokens: int = 16,
+            enforce_eager: bool = False) -> None:
     """Run the model over `prompts` in MEASURE mode with `tp` ranks, `batch_size` prompts per step
     (INC's step 2: default sampling, 16 new tokens); each rank writes its measurement files at
     shutdown."""
@@ -226,7 +267,8 @@ def measure(model_path: str, prompts: list[str], measure_config: Path, batch_siz
     from herd.engine.llm import LLM
 
     llm = LLM(model_path, quantization="inc", quant_config_path=str(measure_config), dtype=dtype,
-              tensor_parallel_size=tp, max_num_seqs=batch_size, max_model_len=max_model_len)
+              tensor_parallel_size=tp, max_num_seqs=batch_size, max_model_len=max_model_len,
+              enforce_eager=enforce_eager)
     try:
         tok = llm.get_tokenizer()
         params = llm.get_default_sampling_params()
@@ -267,10 +309,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
     try:
-        rows = select_samples(load_dataset(args.dataset), args.limit)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = select_samples(load_dataset(args.dataset), args.limit)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for w in caught:  # pickle / pandas warnings: one line each, not Python's two-line format
+        print(f"warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+    if getattr(args, "card_groups", None):
+        try:
+            ranks = card_groups_to_ranks(args.card_groups, args.tensor_parallel_size)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.target_ranks not in (None, ranks):
+            print(f"error: -g makes {ranks} rank(s) but -r says {args.target_ranks}", file=sys.stderr)
+            return 2
+        args.target_ranks = ranks
     model_name = model_name_of(args.model)
     model_root = Path(args.output_dir) / model_name
     try:
@@ -280,13 +336,24 @@ def run(args: argparse.Namespace) -> int:
         return 2
     prompts = format_prompts(rows, tokenizer, model_name)
     measure_cfg, quant_cfg, prefix = write_quant_configs(model_root, args.device, args.scale_method)
+    if args.blocklist_names:
+        add_to_blocklist(str(quant_cfg), args.blocklist_names)
     with open(model_root / "calibration_prompts.jsonl", "w") as f:
         for p in prompts:
             f.write(json.dumps({"input": p}) + "\n")
     print(f"{len(prompts)} prompts; measure config {measure_cfg}; quant config {quant_cfg}")
     try:
+        # the bf16 layers are chosen on the original weights, before any rounding
+        kept = keep_bf16_for_inc(args.model, prompts, str(quant_cfg), args.bf16_layers,
+                                 "pcs" in args.scale_method, blocklist=args.blocklist_names)
+        if kept.format():
+            print(kept.format())
+        if args.rounding == "gptq":
+            args.model = gptq_for_inc(args.model, prompts, str(model_root / "gptq-bf16"), args.scale_method,
+                                      args.device, skip=args.blocklist_names, keep=kept.kept_modules())
+        eager = {"enforce_eager": True} if getattr(args, "enforce_eager", False) else {}
         measure(args.model, prompts, measure_cfg, args.batch_size, args.tensor_parallel_size,
-                args.max_model_len, args.dtype)
+                args.max_model_len, args.dtype, **eager)
         after_measure(prefix, args.tensor_parallel_size, args.target_ranks, args.expert_parallel)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: calibration failed: {e}", file=sys.stderr)

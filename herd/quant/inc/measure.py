@@ -5,7 +5,8 @@ On disk, for `dump_stats_path = P`:
   P_hooks_maxabs_<rank>_<world>.npz       np.savez of the same dict (a pickled object under arr_0);
                                           this is the file INC reads back
   P_hooks_maxabs_<rank>_<world>_mod_list.json   the measured node names
-The `_<rank>_<world>` suffix is absent without a distributed context.
+The `_<rank>_<world>` suffix is written for a single rank too (`_0_1`, as INC under vLLM-HPU's
+torch.distributed writes it); only `seperate_measure_files: false` leaves it out.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 
 from herd.quant.inc.config import IncQuantConfig
-from herd.quant.inc.nodes import (NODE_TYPES, IncNode, inc_nodes_for_module, is_selected, measurement_stem,
-                                  node_weight)
+from herd.quant.inc.nodes import (NODE_TYPES, PATCHED_ONLY_CLASSES, IncNode, NodeNaming, inc_nodes_for_module,
+                                  is_selected, measurement_stem, node_weight, rank_stems)
 
 
 @dataclass
@@ -76,8 +77,9 @@ class Measurements:
         return cls(nodes, local_rank=raw.get("LocalRank"), global_rank=raw.get("GlobalRank"),
                    num_samples=raw.get("NumSamples"))
 
-    def save(self, stem: str | Path, with_mod_list: bool = True) -> list[Path]:
-        """Write <stem>.json, <stem>.npz and (optionally) <stem>_mod_list.json."""
+    def save(self, stem: str | Path, with_mod_list: bool = True, mod_list: list[str] | None = None) -> list[Path]:
+        """Write <stem>.json, <stem>.npz and (optionally) <stem>_mod_list.json (`mod_list`, default:
+        the node names)."""
         stem = str(stem)
         Path(stem).parent.mkdir(parents=True, exist_ok=True)
         paths = [Path(stem + ".json"), Path(stem + ".npz")]
@@ -85,7 +87,7 @@ class Measurements:
         np.savez(paths[1], self.to_dict(as_numpy=True))
         if with_mod_list:
             paths.append(Path(stem + "_mod_list.json"))
-            paths[2].write_text(json.dumps(list(self.nodes), indent=4))
+            paths[2].write_text(json.dumps(list(self.nodes) if mod_list is None else mod_list, indent=4))
         return paths
 
     @classmethod
@@ -154,6 +156,7 @@ class MeasurementCollector:
         self.dtype = config.hp_torch_dtype
         self.nodes: dict[str, IncNode] = {}
         self.skipped: set[str] = set()
+        self._mod_list: list[str] = []   # INC's selected modules: the nodes plus patched-only FusedMoE
         self._state: dict[str, dict[str, torch.Tensor | None]] = {}
         self.num_forwards = 0
 
@@ -169,19 +172,27 @@ class MeasurementCollector:
         record_out = kind.required_output or not self.config.outputs_excluded
         zeros = lambda n: torch.zeros(n, dtype=self.dtype, device=self.device)  # noqa: E731
         self.nodes[node.name] = node
+        self._mod_list.append(node.name)
         self._state[node.name] = {"inputs": zeros(kind.num_inputs),
                                   "outputs": zeros(node.num_outputs) if record_out else None,
                                   "weight": zeros(1) if kind.has_weight else None}
         return True
 
     def add_module(self, name: str, class_name: str, num_local_experts: int | None = None,
-                   prefix: str = "") -> list[IncNode]:
+                   prefix: "str | NodeNaming" = "") -> list[IncNode]:
         """Register the INC nodes of one herd module; returns the selected ones."""
+        if class_name in PATCHED_ONLY_CLASSES:
+            naming = prefix if isinstance(prefix, NodeNaming) else NodeNaming(prefix)
+            if is_selected(naming.inc_name(name), class_name, self.config):
+                self._mod_list.append(naming.inc_name(name))
         return [n for n in inc_nodes_for_module(name, class_name, num_local_experts, prefix) if self.add_node(n)]
 
-    def add_model(self, model, prefix: str = "") -> list[IncNode]:
+    def add_model(self, model, prefix: "str | NodeNaming | None" = None) -> list[IncNode]:
         """Register every INC node of a herd model and record the weights' maxabs once (INC measures
-        params.weight at patch time). `prefix` is "language_model." for multimodal checkpoints."""
+        params.weight at patch time). `prefix`: a NodeNaming or a name prefix ("language_model."
+        for multimodal checkpoints); None derives it from the model's config."""
+        if prefix is None:
+            prefix = NodeNaming.for_model(getattr(model, "config", None))
         selected = []
         for name, module in model.named_modules():
             nodes = self.add_module(name, type(module).__name__, getattr(module, "num_local_experts", None), prefix)
@@ -195,7 +206,7 @@ class MeasurementCollector:
 
     @property
     def mod_list(self) -> list[str]:
-        return list(self.nodes)
+        return list(self._mod_list)
 
     def wants(self, node_name: str, kind: str) -> bool:
         """Whether observe() would record anything (lets callers skip computing a tensor)."""
@@ -260,14 +271,15 @@ class MeasurementCollector:
             nodes[name] = NodeStats(inputs=vals["inputs"], outputs=vals["outputs"],
                                     weight=vals["weight"][0] if vals["weight"] is not None else None)
         every = self.config.calibration_sample_interval
-        return Measurements(nodes, local_rank=self.rank if self.rank is not None else -1,
+        # the rank in the file name: 0 for a single rank (`_0_1`), none for one shared file
+        local = (self.rank or 0) if self.config.seperate_measure_files else None
+        return Measurements(nodes, local_rank=local,
                             num_samples=self.num_forwards if every else None)
 
     @property
     def stem(self) -> str:
-        separate = self.config.seperate_measure_files
-        return measurement_stem(self.config.dump_stats_path, self.config.observer,
-                                self.rank if separate else None, self.world_size if separate else None)
+        make = lambda r, w: measurement_stem(self.config.dump_stats_path, self.config.observer, r, w)  # noqa: E731
+        return rank_stems(make, self.rank, self.world_size, self.config.seperate_measure_files)[0]
 
     def prepare_output_dir(self) -> Path | None:
         """Back up earlier files under the prefix (rank 0 only, so ranks don't race)."""
@@ -276,4 +288,4 @@ class MeasurementCollector:
         return backup_existing(self.config.dump_stats_path)
 
     def save(self) -> list[Path]:
-        return self.measurements().save(self.stem)
+        return self.measurements().save(self.stem, mod_list=self.mod_list)

@@ -3,8 +3,11 @@ mapping from herd module names to the node names vLLM-HPU gives the same tensors
 
 herd and vLLM share the linear names (qkv_proj, o_proj, gate_up_proj, down_proj, router, lm_head).
 What differs is where the fused ops live: vLLM-HPU replaces FusedMoE's weights with
-`experts.moe_op` (one `w13_list.<e>` / `w2_list.<e>` MoeMatmul per local expert) and measures the KV
-cache at `self_attn.attn.impl.k_cache` / `v_cache`. Multimodal checkpoints prefix `language_model.`.
+`experts.moe_op` (one `w13_list.<e>` / `w2_list.<e>` MoeMatmul per local expert), and its attention
+impl `self_attn.attn.impl` holds the KV cache (`k_cache`, `v_cache`) and the attention matmuls
+(`matmul_qk`, `softmax`, `matmul_av`, `batch2block_matmul`, `block2batch_matmul`,
+`fused_scaled_dot_product_attention`). Multimodal checkpoints prefix `language_model.`; dense
+Llama 1-3 call the FFN `mlp` where herd (Llama 4's layout) says `feed_forward`.
 """
 from __future__ import annotations
 
@@ -60,6 +63,23 @@ MOE_OP_CLASS = "VllmMixtureOfExpertsOp"
 MOE_EXPERT_CLASS = "MoeMatmul"
 KV_CACHE_CLASS = "VLLMKVCache"
 MULTIMODAL_PREFIX = "language_model."
+# INC patches these but records nothing for them (FusedMoE only drops its bf16 weights); they are
+# listed in `_mod_list.json` like INC lists them.
+PATCHED_ONLY_CLASSES = frozenset({"FusedMoE", "SharedFusedMoE"})
+
+# vLLM-HPU's attention impl (HPUAttentionImpl): child name -> INC class. herd measures the first
+# five from its own attention; the last three exist only in vLLM-HPU's flat paged attention and
+# fused SDPA kernel, whose internal values herd does not reproduce, so the QUANT_CONFIGs herd writes
+# blocklist them (they then run in bf16 on Gaudi).
+ATTENTION_OPS = MappingProxyType({
+    "k_cache": KV_CACHE_CLASS, "v_cache": KV_CACHE_CLASS,
+    "matmul_qk": "Matmul", "softmax": "Softmax", "matmul_av": "Matmul",
+    "batch2block_matmul": "Matmul", "block2batch_matmul": "Matmul",
+    "fused_scaled_dot_product_attention": "ModuleFusedSDPA",
+})
+HERD_MEASURED_ATTENTION_OPS = ("k_cache", "v_cache", "matmul_qk", "softmax", "matmul_av")
+UNMEASURED_ATTENTION_OPS = ("batch2block_matmul", "block2batch_matmul", "fused_scaled_dot_product_attention")
+DENSE_LLAMA_ARCHS = frozenset({"LlamaForCausalLM"})
 
 _HERD_LINEARS = ("QKVParallelLinear", "MergedColumnParallelLinear", "ColumnParallelLinear",
                  "ReplicatedLinear", "ParallelLMHead", "RowParallelLinear", "Linear")
@@ -67,6 +87,27 @@ _HERD_MOE = ("FusedMoE", "SharedFusedMoE")
 _EXPERT_RE = re.compile(r"^(?P<moe>.*)\.moe_op\.(?P<w>w13|w2)_list\.(?P<e>\d+)$")
 _IMPL_RE = re.compile(r"^(?P<attn>.*)\.impl\.(?P<op>\w+)$")
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_HERD_FFN = re.compile(r"((?:^|\.)layers\.\d+)\.feed_forward\.")
+_VLLM_MLP = re.compile(r"((?:^|\.)layers\.\d+)\.mlp\.")
+
+
+@dataclass(frozen=True)
+class NodeNaming:
+    """How vLLM names herd's modules for one checkpoint: `prefix` is "language_model." for
+    Llama4ForConditionalGeneration, `mlp` is "mlp" for dense Llama 1-3 (vLLM's LlamaMLP)."""
+    prefix: str = ""
+    mlp: str = "feed_forward"
+
+    @classmethod
+    def for_model(cls, hf_config) -> "NodeNaming":
+        """From herd's Llama4TextConfig (or anything with .multimodal / .architecture)."""
+        prefix = MULTIMODAL_PREFIX if getattr(hf_config, "multimodal", False) else ""
+        dense = getattr(hf_config, "architecture", None) in DENSE_LLAMA_ARCHS
+        return cls(prefix, "mlp" if dense else "feed_forward")
+
+    def inc_name(self, herd_name: str) -> str:
+        name = _HERD_FFN.sub(rf"\1.{self.mlp}.", herd_name) if self.mlp != "feed_forward" else herd_name
+        return self.prefix + name
 
 
 @dataclass(frozen=True)
@@ -85,10 +126,12 @@ class IncNode:
 
 
 def inc_nodes_for_module(name: str, class_name: str, num_local_experts: int | None = None,
-                         prefix: str = "") -> list[IncNode]:
+                         prefix: "str | NodeNaming" = "") -> list[IncNode]:
     """INC nodes measured for one herd module (empty for modules INC does not patch, e.g. norms).
-    `prefix` is "language_model." for Llama4ForConditionalGeneration checkpoints."""
-    full = prefix + name
+    `prefix` is a NodeNaming, or just the name prefix ("language_model." for
+    Llama4ForConditionalGeneration checkpoints)."""
+    naming = prefix if isinstance(prefix, NodeNaming) else NodeNaming(prefix)
+    full = naming.inc_name(name)
     if class_name in _HERD_LINEARS:
         return [IncNode(full, class_name, INC_CLASSES[class_name], name, "linear")]
     if class_name in _HERD_MOE:
@@ -101,13 +144,16 @@ def inc_nodes_for_module(name: str, class_name: str, num_local_experts: int | No
                       for e in range(num_local_experts)]
         return nodes
     if name.endswith("self_attn.attn"):
-        return [IncNode(f"{full}.impl.{kv}", KV_CACHE_CLASS, "kv_cache", name, kv) for kv in ("k_cache", "v_cache")]
+        return [IncNode(f"{full}.impl.{op}", ATTENTION_OPS[op], INC_CLASSES[ATTENTION_OPS[op]], name, op)
+                for op in HERD_MEASURED_ATTENTION_OPS]
     return []
 
 
 def herd_target(inc_name: str) -> tuple[str, str, int | None]:
-    """Inverse mapping: INC node name -> (herd module name, role, expert index)."""
+    """Inverse mapping: INC node name -> (herd module name, role, expert index). Dense Llama's
+    `layers.N.mlp.` is herd's `layers.N.feed_forward.` (Llama 4 layers have no `mlp`)."""
     name = inc_name[len(MULTIMODAL_PREFIX):] if inc_name.startswith(MULTIMODAL_PREFIX) else inc_name
+    name = _VLLM_MLP.sub(r"\1.feed_forward.", name)
     m = _EXPERT_RE.match(name)
     if m:
         return m["moe"], m["w"], int(m["e"])
@@ -160,7 +206,8 @@ def infer_node_class(name: str, has_weight: bool, num_outputs: int | None) -> tu
 
 def is_selected(name: str, class_name: str, config) -> bool:
     """INC's should_quantize: patched type, allowlist (empty = all), blocklist, dynamic support."""
-    if class_name not in INC_CLASSES or class_name in config.blocklist.types:
+    if (class_name not in INC_CLASSES and class_name not in PATCHED_ONLY_CLASSES) \
+            or class_name in config.blocklist.types:
         return False
     allow = config.allowlist
     if not allow.empty and class_name not in allow.types and not allow.matches_name(name):
@@ -186,22 +233,43 @@ def scale_stem(prefix: str | Path, method_name: str, observer: str = "maxabs", r
     return f"{prefix}_hooks_{observer}_{method_name}{rank_suffix(rank, world_size)}"
 
 
+def rank_stems(make_stem, rank: int | None, world_size: int | None, separate: bool = True) -> list[str]:
+    """Stems a rank's file may have, the one to write first. vLLM-HPU always runs under
+    torch.distributed, so INC there names even a single rank's files `_0_1`; INC without a
+    distributed context (and herd before) leaves the suffix out. herd writes `_0_1` and reads both.
+    `make_stem(rank, world)` builds a stem; `separate` is QUANT_CONFIG `seperate_measure_files`."""
+    if not separate:
+        return [make_stem(None, None)]
+    if rank is None or world_size is None:
+        rank, world_size = 0, 1
+    stems = [make_stem(rank, world_size)]
+    if world_size == 1:
+        stems.append(make_stem(None, None))
+    return stems
+
+
+def find_rank_file(stems: list[str], ext: str = ".npz") -> Path | None:
+    """The first of `stems` + ext that exists."""
+    return next((Path(s + ext) for s in stems if Path(s + ext).exists()), None)
+
+
 def find_measurement_sets(prefix: str | Path, observer: str = "maxabs") -> dict[int, dict[int, Path]]:
-    """{world_size: {rank: file}} of the measurement files under a prefix (NPZ preferred over JSON;
-    scale caches such as `_hooks_maxabs_MAXABS_HW_0_8` do not match). An unsuffixed file counts as
-    world size 1."""
+    """{world_size: {rank: file}} of the measurement files under a prefix (NPZ preferred over JSON,
+    `_0_1` over an unsuffixed file; scale caches such as `_hooks_maxabs_MAXABS_HW_0_8` do not
+    match). An unsuffixed file counts as rank 0 of world size 1."""
     prefix = Path(prefix)
     folder = prefix.parent if str(prefix.parent) else Path(".")
     pat = re.compile(rf"^{re.escape(prefix.name)}_hooks_{re.escape(observer)}(?:_(\d+)_(\d+))?\.(npz|json)$")
-    sets: dict[int, dict[int, Path]] = {}
+    sets: dict[int, dict[int, tuple[tuple[bool, bool], Path]]] = {}
     if not folder.is_dir():
-        return sets
+        return {}
     for path in sorted(folder.iterdir()):
         m = pat.match(path.name)
         if not m:
             continue
         rank, world = (int(m[1]), int(m[2])) if m[1] is not None else (0, 1)
-        have = sets.setdefault(world, {}).get(rank)
-        if have is None or (have.suffix == ".json" and path.suffix == ".npz"):
-            sets[world][rank] = path
-    return sets
+        rank_of = sets.setdefault(world, {})
+        key = (m[1] is not None, path.suffix == ".npz")   # suffixed first, then npz
+        if rank not in rank_of or key > rank_of[rank][0]:
+            rank_of[rank] = (key, path)
+    return {w: {r: p for r, (_, p) in ranks.items()} for w, ranks in sets.items()}

@@ -11,7 +11,8 @@ the source ranks whose fractions overlap its own:
   INC refuses. Replicated tensors (column-parallel inputs, KV heads when TP > num_kv_heads) are
   the same on every rank, so the rule holds for them as well.
 The one value this does not bound is a row-parallel linear's outputs[0] (per-rank partial sums)
-for R > N; herd derives linear output scales from s_x * s_w and never reads it.
+for R > N. INC turns it into that linear's output scale, which only the FP8 all-reduce
+(`row_parallel_linear_allreduce_quantization`) uses; herd never uses it.
 
 Expert parallel: each rank holds E/N whole experts. Their per-expert lists are concatenated in
 rank order into the global expert list and re-split into R equal parts; expert weight nodes

@@ -22,11 +22,11 @@ def get_quant_methods(config, tp=None) :
     if q == "fp8":
         return Fp8QuantMethods()
     if q == "compressed-tensors":
-        from herd.quant.compressed_tensors.config import CompressedTensorsFP8Config
+        from herd.quant.compressed_tensors.config import CompressedTensorsFP8Config, checkpoint_ffn_name
         ct = CompressedTensorsFP8Config.from_config(config.model.hf_config.raw)
         if ct is None:
             raise ValueError(f"{config.model.model} has no compressed-tensors quantization_config")
-        return CompressedTensorsQuantMethods(ct)
+        return CompressedTensorsQuantMethods(ct, checkpoint_ffn_name(config.model.hf_config))
     if q == "inc":
         from herd.quant.methods.inc import get_inc_quant_methods
         return get_inc_quant_methods(config)

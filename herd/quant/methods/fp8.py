@@ -14,6 +14,7 @@ from herd.model.layers import UnquantizedLinearMethod
 from herd.model.llama4 import QuantMethods
 from herd.ops.fp8 import FP8_DTYPE, FP8_MAX, fp8_linear, quantize_per_token, quantize_weight
 from herd.ops.moe import MoeRouting, fused_moe, fused_moe_ref, grouped_gemm, grouped_mm_supported
+from herd.quant.compressed_tensors.config import herd_to_hf_modules
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -167,27 +168,20 @@ class Fp8QuantMethods(QuantMethods):
         return Fp8MoEMethod()
 
 
-# herd's fused module -> the HF modules it was built from
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def hf_module_names(prefix: str) -> list[str]:
-    head, _, leaf = prefix.rpartition(".")
-    if leaf == "experts":
-        return [f"{prefix}.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    return [f"{head}.{p}" for p in _FUSED.get(leaf, (leaf,))]
-
-
 class CompressedTensorsQuantMethods(QuantMethods):
     """FP8 compressed-tensors checkpoints: quantized modules arrive as FP8 + scales, ignored ones
-    stay in the model dtype (the recipe keeps attention, router, lm_head and vision in BF16)."""
+    stay in the model dtype (the recipe keeps attention, router, lm_head and vision in BF16).
+    `ffn`: the checkpoint's name for herd's `feed_forward` ("mlp" for dense Llama), which its
+    `ignore` list uses."""
 
-    def __init__(self, ct_config):
+    def __init__(self, ct_config, ffn: str = "feed_forward"):
         self.ct = ct_config
         self.static_input = ct_config.is_static_input
+        self.ffn = ffn
 
     def _ignored(self, prefix: str) -> bool:
-        names = hf_module_names(prefix)
+        # the checkpoint's names for the module (expert 0 stands for all of a FusedMoE's)
+        names = herd_to_hf_modules(prefix, num_experts=1, ffn=self.ffn)
         flags = [self.ct.is_ignored(n) or self.ct.is_ignored("language_model." + n) for n in names]
         if any(flags) != all(flags):
             raise ValueError(f"{prefix}: the checkpoint quantizes only some of {names}; herd fuses them "

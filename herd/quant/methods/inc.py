@@ -1,7 +1,8 @@
 """`--quantization inc`: INC's MEASURE and QUANTIZE modes on herd's model, driven by QUANT_CONFIG.
 
-MEASURE: the model runs in its own dtype with maxabs observers on every INC node (linears, MoE
-op and per-expert intermediates, KV cache); `finish()` writes the INC measurement files.
+MEASURE: the model runs in its own dtype with maxabs observers on every INC node (linears and the
+LM head, MoE op and per-expert intermediates, KV cache and the attention matmuls vLLM-HPU patches);
+`finish()` writes the INC measurement files, suffixed `_<rank>_<world>` even for one rank.
 QUANTIZE: scales come from this rank's measurement file (or INC's scale cache); linear and expert
 weights are quantized to FP8 on the CPU with those scales, activations use the static input
 scales, and the KV-cache scales feed `--kv-cache-dtype fp8_inc`.
@@ -12,42 +13,40 @@ import logging
 
 import torch
 
-from herd.model.layers import LinearBase
+from herd.model.layers import LinearBase, ParallelLMHead
 from herd.model.llama4 import Attention, FusedMoE, QuantMethods
 from herd.ops.fp8 import FP8_DTYPE, FP8_MAX
 from herd.ops.moe import fused_moe, fused_moe_ref, grouped_gemm, grouped_moe_supported
 from herd.quant.inc.config import IncQuantConfig
 from herd.quant.inc.measure import MeasurementCollector
-from herd.quant.inc.nodes import MULTIMODAL_PREFIX, inc_nodes_for_module, node_weight
-from herd.quant.methods.fp8 import Fp8LinearMethod, Fp8MoEMethod
+from herd.quant.inc.nodes import NodeNaming, inc_nodes_for_module, node_weight
 from herd.quant.inc.scales import scales_for_rank
+from herd.quant.methods.fp8 import Fp8LinearMethod, Fp8MoEMethod
+from herd.quant.methods.inc_attention import attention_observer
 
 logger = logging.getLogger(__name__)
-
-
-def _rank_world(tp):
-    return (tp.rank, tp.size) if tp.size > 1 else (None, None)
 
 
 class IncMeasureMethods(QuantMethods):
     """MEASURE mode: weights stay unquantized; post_load installs the observers."""
 
-    def __init__(self, cfg: IncQuantConfig, prefix: str):
-        self.cfg, self.prefix = cfg, prefix
+    def __init__(self, cfg: IncQuantConfig, naming: NodeNaming):
+        self.cfg, self.naming = cfg, naming
         self.collector: MeasurementCollector | None = None
 
     def post_load(self, model):
-        rank, world = _rank_world(model.tp)
-        self.collector = MeasurementCollector(self.cfg, rank, world)
+        # vLLM-HPU runs under torch.distributed even at TP=1, so INC there names files _0_1: so does herd
+        self.collector = MeasurementCollector(self.cfg, model.tp.rank, model.tp.size)
         self.collector.prepare_output_dir()
-        self.collector.add_model(model, self.prefix)
+        self.collector.add_model(model, self.naming)
         for name, module in model.named_modules():
-            if isinstance(module, LinearBase):
-                module.quant_method = _ObservedLinear(module.quant_method, self.collector, self.prefix + name, module)
+            node = self.naming.inc_name(name)
+            if isinstance(module, (LinearBase, ParallelLMHead)):
+                module.quant_method = _ObservedLinear(module.quant_method, self.collector, node, module)
             elif isinstance(module, FusedMoE):
-                module.quant_method = _ObservedMoE(self.collector, self.prefix + name + ".moe_op", model.tp)
+                module.quant_method = _ObservedMoE(self.collector, node + ".moe_op", model.tp)
             elif isinstance(module, Attention):
-                module.register_forward_pre_hook(_kv_observer(self.collector, self.prefix + name + ".impl"))
+                module.register_forward_hook(attention_observer(self.collector, node + ".impl"))
         # one forward = one model call; counted for calibration_sample_interval dumps
         model.register_forward_hook(lambda *_: self.collector.step())
 
@@ -115,19 +114,11 @@ class _ObservedMoE:
         return out
 
 
-def _kv_observer(collector, impl):
-    def hook(module, args):
-        _, k, v = args[0], args[1], args[2]
-        collector.observe(impl + ".k_cache", "inputs", 0, k)
-        collector.observe(impl + ".v_cache", "inputs", 0, v)
-    return hook
-
-
 class IncQuantizeMethods(QuantMethods):
     """QUANTIZE mode: static FP8 from measured scales, applied in post_load (weights on the CPU)."""
 
-    def __init__(self, cfg: IncQuantConfig, prefix: str):
-        self.cfg, self.prefix = cfg, prefix
+    def __init__(self, cfg: IncQuantConfig, naming: NodeNaming):
+        self.cfg, self.naming = cfg, naming
         self.kv_scales: dict[int, tuple[float, float]] = {}
         self.report: dict = {}
 
@@ -135,19 +126,19 @@ class IncQuantizeMethods(QuantMethods):
         if self.cfg.dynamic_quantization:
             raise ValueError("dynamic_quantization QUANT_CONFIGs are not supported; use --quantization fp8 "
                              "for per-token dynamic FP8")
-        rank, world = _rank_world(model.tp)
         nodes = {}
         for name, module in model.named_modules():
             for node in inc_nodes_for_module(name, type(module).__name__,
-                                             getattr(module, "num_local_experts", None), self.prefix):
+                                             getattr(module, "num_local_experts", None), self.naming):
                 nodes[node.name] = node
         weights = lambda n: node_weight(model, nodes[n]) if n in nodes else None  # noqa: E731
         classes = {n: node.class_name for n, node in nodes.items()}
         # herd's FP8 is E4M3FN (448) on every device; device_for_scales in QUANT_CONFIG overrides
-        scales = scales_for_rank(self.cfg, rank, world, "cuda", weights=weights, node_classes=classes).nodes
+        scales = scales_for_rank(self.cfg, model.tp.rank, model.tp.size, "cuda", weights=weights,
+                                 node_classes=classes).nodes
         n_lin = n_moe = 0
         for name, module in model.named_modules():
-            full = self.prefix + name
+            full = self.naming.inc_name(name)
             if isinstance(module, LinearBase) and full in scales:
                 _quantize_linear(module, scales[full])
                 n_lin += 1
@@ -216,10 +207,10 @@ def get_inc_quant_methods(config) -> QuantMethods:
         raise ValueError("--quantization inc needs a QUANT_CONFIG json: set the QUANT_CONFIG environment "
                          "variable or pass --quant-config")
     cfg = IncQuantConfig.from_json_file(path)
-    prefix = MULTIMODAL_PREFIX if config.model.hf_config.multimodal else ""
+    naming = NodeNaming.for_model(config.model.hf_config)
     if cfg.mode == "MEASURE":
-        return IncMeasureMethods(cfg, prefix)
+        return IncMeasureMethods(cfg, naming)
     if cfg.mode in ("QUANTIZE", "LOAD"):
-        return IncQuantizeMethods(cfg, prefix)
+        return IncQuantizeMethods(cfg, naming)
     raise ValueError(f"QUANT_CONFIG mode {cfg.mode} is not supported by herd (use MEASURE or QUANTIZE)")
 

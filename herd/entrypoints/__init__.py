@@ -1,0 +1,1 @@
+"""vLLM's entry-point module paths, for commands copied from vLLM guides."""

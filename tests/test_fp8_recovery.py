@@ -1,0 +1,275 @@
+"""FP8 accuracy recovery: GPTQ rounding, calibration Hessians, per-layer sensitivity and the bf16
+layers `herd quantize` / `herd calibrate` keep (with the reasons in the report)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from herd.cli import main as herd_main
+from herd.model.loader import load_model
+from herd.quant.hessian import measure_hessians
+from herd.quant.observers import dequantize_fp8, gptq_round, minmax_scale, quantize_fp8, quantize_weight
+from herd.quant.sensitivity import keep_top, measure_layer_sensitivity, pick_sensitive
+from tests.test_llama_dense import LLAMA_BASE, make_tiny_llama
+from tests.tiny_models import save_tiny_tokenizer
+
+# ----------------------------------------------------------------------------- GPTQ rounding
+
+
+def _correlated_inputs(n=4096, dim=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 8, generator=g)  # inputs driven by a few shared factors, as real activations are
+    return z @ torch.randn(8, dim, generator=g) + 0.1 * torch.randn(n, dim, generator=g)
+
+
+def test_gptq_round_lowers_the_output_error_and_stays_on_the_fp8_grid():
+    x = _correlated_inputs()
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    h = x.T @ x / len(x)
+    s = minmax_scale(w)
+    nearest = dequantize_fp8(quantize_fp8(w, s), s)
+    q = gptq_round(w, s, h)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape
+    gptq = dequantize_fp8(q, s)
+    err = lambda wq: float((x @ (w - wq).T).norm() / (x @ w.T).norm())  # noqa: E731
+    assert err(gptq) < 0.7 * err(nearest)
+    # the weight error itself grows: GPTQ trades it for the output error
+    assert float((gptq - w).norm()) > float((nearest - w).norm())
+    assert torch.equal(quantize_fp8(gptq, s), q)  # q * s are FP8 values under the same scale
+
+
+def test_gptq_round_zero_inputs_and_bad_shapes():
+    x = _correlated_inputs(dim=16)
+    x[:, 3] = 0.0  # an input that is always zero: its weights never matter
+    h = x.T @ x / len(x)
+    w = torch.randn(4, 16)
+    q = gptq_round(w, minmax_scale(w), h)
+    assert torch.all(q.float()[:, 3] == 0)
+    with pytest.raises(ValueError, match="does not match"):
+        gptq_round(w, minmax_scale(w), h[:8, :8])
+
+
+def test_quantize_weight_with_hessian_uses_gptq_and_keeps_the_scale():
+    x = _correlated_inputs(dim=32)
+    w = torch.randn(8, 32).to(torch.bfloat16)
+    h = x.T @ x / len(x)
+    q0, s0 = quantize_weight(w, "channel", "minmax")
+    q1, s1 = quantize_weight(w, "channel", "minmax", hessian=h)
+    assert torch.equal(s0, s1) and s1.dtype == torch.bfloat16
+    assert not torch.equal(q0.float(), q1.float())
+
+
+# ----------------------------------------------------------------------------- Hessians
+
+
+def test_measure_hessians_maps_fused_inputs_to_hf_modules(tmp_path):
+    path = make_tiny_llama(tmp_path / "m", "llama3")
+    model = load_model(path, dtype=torch.float32)
+    seqs = [[1, 5, 9, 33, 70, 2], [1, 100, 7]]
+    seen = []
+    hook = model.model.layers[1].feed_forward.down_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).clone()))
+    H = measure_hessians(model, seqs, progress=False)
+    hook.remove()
+    x = torch.cat(seen)
+    assert torch.allclose(H["model.layers.1.mlp.down_proj"], x.T @ x / len(x), atol=1e-5)
+    # q/k/v share the fused qkv_proj's input, gate/up the gate_up_proj's; checkpoint names use `mlp`
+    assert H["model.layers.0.self_attn.q_proj"] is H["model.layers.0.self_attn.v_proj"]
+    assert H["model.layers.2.mlp.gate_proj"] is H["model.layers.2.mlp.up_proj"]
+    assert H["model.layers.0.self_attn.o_proj"].shape == (64, 64)
+    assert not any("lm_head" in n for n in H)
+
+
+# ----------------------------------------------------------------------------- sensitivity
+
+
+def _amplify_layer(path, layer: int, factor: float = 10.0) -> None:
+    """Make one decoder layer's MLP dominate the residual stream: its FP8 noise then dominates the
+    output, and the later layers, whose outputs are small next to it, matter little."""
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    tensors[f"model.layers.{layer}.mlp.down_proj.weight"] *= factor
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def make_deep_llama(path, layers: int = 10, seed: int = 3) -> str:
+    """A tiny dense Llama with enough decoder layers for `--bf16-layers auto` (a tenth of them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_BASE, "num_hidden_layers": layers, "tie_word_embeddings": True}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.1) if "norm" in name else p.normal_(0, 0.08)
+    model.eval().save_pretrained(str(path), safe_serialization=True)
+    save_tiny_tokenizer(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def amplified(tmp_path_factory):
+    path = make_deep_llama(tmp_path_factory.mktemp("sens") / "m")
+    _amplify_layer(path, 0)
+    return path
+
+
+def _seqs():
+    g = torch.Generator().manual_seed(0)
+    return [[1] + torch.randint(3, 320, (40,), generator=g).tolist() for _ in range(3)]
+
+
+def test_sensitivity_scores_and_picks_the_dominant_layer(amplified):
+    model = load_model(amplified, dtype=torch.float32)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    sens = measure_layer_sensitivity(model, _seqs(), lambda n: ".self_attn." not in n)
+    assert [s.layer for s in sens.scores] == list(range(10))
+    by_layer = {s.layer: s for s in sens.scores}
+    assert by_layer[0].kl > 10 * max(s.kl for s in sens.scores[1:]) > 0
+    # only the modules the recipe quantizes (attention is ignored here), as checkpoint names
+    assert by_layer[0].modules == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+                                   "model.layers.0.mlp.down_proj"]
+    assert by_layer[0].herd_modules == ["model.layers.0.feed_forward.gate_up_proj",
+                                        "model.layers.0.feed_forward.down_proj"]
+    pick_sensitive(sens)
+    assert sens.keep == [0]
+    assert "decoder layer 0" in sens.reason(0) and "x the median layer" in sens.reason(0)
+    assert keep_top(sens, 2).keep[0] == 0 and len(sens.keep) == 2
+    # the model is left as it was
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_sensitivity_keeps_nothing_when_no_layer_stands_out(tmp_path):
+    path = make_tiny_llama(tmp_path / "m", "llama3", seed=3)
+    sens = measure_layer_sensitivity(load_model(path, dtype=torch.float32), _seqs(), lambda n: True)
+    assert len(sens.scores) == 3 and all(s.kl > 0 for s in sens.scores)
+    assert pick_sensitive(sens, factor=50.0, max_layers=3).keep == []
+    assert pick_sensitive(sens, factor=0.0).keep == []  # 3 layers: a tenth of them is none
+
+
+def test_auto_skips_models_with_few_layers(tmp_path, capsys):
+    path = make_tiny_llama(tmp_path / "m", "llama3")
+    assert herd_main(["quantize", "-m", path, "-o", str(tmp_path / "o"), "--no-progress", "--no-report"]) == 0
+    assert "sensitivity" not in capsys.readouterr().out
+
+
+def _write_calib(tmp_path) -> str:
+    words = "the of and to in that was her not be with she he had it for as you his at".split()
+    g = torch.Generator().manual_seed(1)
+    path = tmp_path / "calib.jsonl"
+    with open(path, "w") as f:
+        for _ in range(8):
+            f.write(json.dumps({"text": " ".join(words[i] for i in torch.randint(0, len(words), (30,),
+                                                                            generator=g))}) + "\n")
+    return str(path)
+
+
+def test_herd_quantize_keeps_the_sensitive_layer_in_bf16_and_says_why(amplified, tmp_path, capsys):
+    out = tmp_path / "fp8"
+    calib = _write_calib(tmp_path)
+    assert herd_main(["quantize", "-m", amplified, "-o", str(out), "--no-progress", "--calib-data", calib,
+                      "--rounding", "gptq"]) == 0
+    text = capsys.readouterr().out
+    assert "kept in bf16: decoder layer 0" in text and "GPTQ rounding for" in text
+    with open(out / "config.json") as f:
+        ignore = json.load(f)["quantization_config"]["ignore"]
+    assert {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"} <= set(ignore)
+    assert not any(".mlp." in n for n in ignore if not n.startswith("model.layers.0."))
+    with safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype != torch.float8_e4m3fn
+        assert f.get_tensor("model.layers.9.mlp.down_proj.weight").dtype == torch.float8_e4m3fn
+    with open(out / "quantization_report.json") as f:
+        kept = json.load(f)["kept_bf16"]
+    assert kept["model.layers.0.mlp.down_proj"].startswith("decoder layer 0: FP8 in this layer alone costs")
+    assert kept["model.layers.0.self_attn.q_proj"] == "ignore list (re:.*self_attn)"
+
+
+def test_herd_quantize_bf16_layers_none_and_nearest(amplified, tmp_path, capsys):
+    out = tmp_path / "fp8"
+    assert herd_main(["quantize", "-m", amplified, "-o", str(out), "--no-progress", "--no-report",
+                      "--bf16-layers", "none"]) == 0
+    assert "kept in bf16: decoder layer" not in capsys.readouterr().out
+    with open(out / "config.json") as f:
+        ignore = json.load(f)["quantization_config"]["ignore"]
+    assert not any(".mlp." in n for n in ignore)
+    assert herd_main(["quantize", "-m", amplified, "-o", str(tmp_path / "g"), "--rounding", "gptq"]) == 2
+    assert "--rounding gptq needs calibration text" in capsys.readouterr().err
+
+
+def test_gptq_export_predicts_calibration_text_better_than_nearest(amplified, tmp_path):
+    from herd.quant.accuracy_report import quantization_report
+    from herd.quant.compressed_tensors.calib import load_calibration_sequences
+
+    calib = _write_calib(tmp_path)
+    errs = {}
+    for rounding in ("nearest", "gptq"):
+        out = tmp_path / rounding
+        assert herd_main(["quantize", "-m", amplified, "-o", str(out), "--no-progress", "--no-report",
+                          "--bf16-layers", "none", "--calib-data", calib, "--rounding", rounding,
+                          "--ignore", "re:.*lm_head"]) == 0
+        tok_texts = [json.loads(line)["text"] for line in open(calib)]
+        errs[rounding] = quantization_report(amplified, str(out), tok_texts).logits_rel_error
+    assert load_calibration_sequences(calib, amplified, 2, 8)  # the text tokenizes
+    assert errs["gptq"] < errs["nearest"]
+
+
+def test_herd_calibrate_blocks_the_sensitive_layer(amplified, tmp_path):
+    from herd.quant.inc.config import IncQuantConfig
+    from herd.quant.inc.nodes import is_selected
+
+    data = tmp_path / "rows.jsonl"
+    with open(data, "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"system_prompt": "You are helpful.", "question": f"Tell me about {i} cats"}) + "\n")
+    out = tmp_path / "calib"
+    assert herd_main(["calibrate", "-m", amplified, "-d", str(data), "-o", str(out), "--dtype", "float32",
+                      "-b", "4", "--max-model-len", "256"]) == 0
+    cfg = IncQuantConfig.from_json_file(out / os.path.basename(amplified).lower() / "maxabs_quant_cuda.json")
+    assert not is_selected("model.layers.0.mlp.gate_up_proj", "MergedColumnParallelLinear", cfg)
+    assert not is_selected("model.layers.0.self_attn.qkv_proj", "QKVParallelLinear", cfg)
+    assert is_selected("model.layers.1.mlp.down_proj", "RowParallelLinear", cfg)
+    assert is_selected("model.layers.0.mlp.down_proj_x", "RowParallelLinear", cfg)  # whole names only
+    assert list(cfg.blocklist.names[-4:]) == [r"^model\.layers\.0\.self_attn\.qkv_proj(\.|$)",
+                                   r"^model\.layers\.0\.self_attn\.o_proj(\.|$)",
+                                   r"^model\.layers\.0\.mlp\.gate_up_proj(\.|$)",
+                                   r"^model\.layers\.0\.mlp\.down_proj(\.|$)"]
+
+
+def test_herd_calibrate_gptq_bakes_the_rounding_into_a_bf16_copy(amplified, tmp_path, capsys):
+    from herd.quant.recovery import inc_pow2_channel_scale
+
+    data = tmp_path / "rows.jsonl"
+    with open(data, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"system_prompt": "You are helpful.", "question": f"Name {i} rivers of Europe"}) + "\n")
+    out = tmp_path / "calib"
+    args = ["calibrate", "-m", amplified, "-d", str(data), "-o", str(out), "--dtype", "float32", "-b", "6",
+            "--max-model-len", "256", "--rounding", "gptq", "--blocklist-names", r"self_attn\.(qkv|o)_proj$"]
+    assert herd_main(args) == 1  # the default per-tensor maxabs_hw scale would re-round the weights
+    assert "per-channel power-of-two" in capsys.readouterr().err
+    assert herd_main(args + ["--scale-method", "act_maxabs_hw_weights_pcs_maxabs_pow2"]) == 0
+    rounded = out / os.path.basename(amplified).lower() / "gptq-bf16"
+    printed = capsys.readouterr().out
+    assert str(rounded) in printed  # the serve command names the rounded copy
+    # chosen on the original weights, MLP only (attention is blocked anyway)
+    assert "kept in bf16: decoder layer 0" in printed
+    orig = load_file(os.path.join(amplified, "model.safetensors"))
+    new = load_file(str(rounded / "model.safetensors"))
+    assert set(orig) == set(new)
+    name = "model.layers.5.mlp.down_proj.weight"
+    assert not torch.equal(orig[name], new[name])
+    # bf16 modules keep their weights: the norm, the blocked attention, the kept layer 0
+    for n in ("model.norm.weight", "model.layers.5.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        assert torch.equal(orig[n], new[n]), n
+    cfg = json.loads((out / os.path.basename(amplified).lower() / "maxabs_quant_cuda.json").read_text())
+    assert r"self_attn\.(qkv|o)_proj$" in cfg["blocklist"]["names"]
+    assert r"^model\.layers\.0\.mlp\.down_proj(\.|$)" in cfg["blocklist"]["names"]
+    # INC's own per-channel power-of-two scale, computed from the rounded weight, gets it back exactly
+    for n in (name, "model.layers.2.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"):
+        s = inc_pow2_channel_scale(new[n], 448.0)
+        assert torch.equal(dequantize_fp8(quantize_fp8(new[n].float(), s), s), new[n].float()), n
+    assert os.path.isfile(rounded / "config.json") and os.path.isfile(rounded / "tokenizer.json")
