@@ -17,6 +17,13 @@ With --real-forward-steps N (default 2) the real forward is put back for N more 
 compare host time with model time at that context (the cache holds zeros there: the arithmetic
 is the same).
 
+With --async-scheduling (herd's engine flag) step N+1 is scheduled while step N runs on the engine's
+device thread: the parts overlap and their timers mix two threads, so compare the first row (the
+wall time of each engine.step(), one step per call in the steady state) between runs with and
+without the flag. --generate-prompts N adds the throughput of LLM.generate over N random prompts
+(--generate-prompt-len, --generate-max-tokens, real forward) on two fresh engines, synchronous and
+async scheduling, in --generate-rounds interleaved rounds.
+
 The KV pool is sized for all sequences at full length plus those prefill chunks
 (cpu_kv_cache_space_gib computed from the model config, unless --cpu-kv-cache-space or
 --num-kv-blocks is given), so nothing is preempted; the script warns if sequences are missing.
@@ -28,6 +35,7 @@ the engine changes); everything else is the public engine API.
 
     python benchmarks/host_overhead.py [--model DIR] [--num-seqs 256] [--context 8192] [--steps 32]
         [--warmup-steps 4] [--real-forward-steps 2] [--threads 2] [--quick] [--output-json FILE]
+        [--generate-prompts N --generate-prompt-len 128 --generate-max-tokens 64 --generate-rounds 5]
         [herd engine flags: --max-num-batched-tokens, --block-size, --enable-prefix-caching, ...]
 """
 from __future__ import annotations
@@ -219,7 +227,8 @@ def breakdown(step_s: list[float], times: dict, pickle_s: list[float]) -> list[t
     n = len(step_s)
     t = per_step(times, n)
     host = [s - p - f for s, p, f in zip(step_s, pickle_s or [0.0] * n, t.get("forward", [0.0] * n))]
-    rows = [("step, host only (no TP pickle, no forward)", summarize(host)),
+    rows = [("step wall time (engine.step)", summarize(step_s)),
+            ("step, host only (no TP pickle, no forward)", summarize(host)),
             ("  schedule (scheduler + diffs)", summarize(t.get("schedule", []))),
             ("  execute (runner, incl. forward)", summarize(t.get("execute", []))),
             ("    prepare_inputs (batch update + step arrays)", summarize(t.get("prepare_inputs", []))),
@@ -250,6 +259,11 @@ def main(argv=None) -> int:
     g.add_argument("--threads", type=int, default=C.DEFAULT_THREADS)
     g.add_argument("--quick", action="store_true", help="tiny run: 8 sequences at 512 tokens, 4 steps")
     g.add_argument("--output-json", default=None)
+    g.add_argument("--generate-prompts", type=int, default=0,
+                   help="also time one LLM.generate over this many random prompts (0: skip)")
+    g.add_argument("--generate-prompt-len", type=int, default=128)
+    g.add_argument("--generate-max-tokens", type=int, default=64)
+    g.add_argument("--generate-rounds", type=int, default=5)
     C.add_herd_args(ap.add_argument_group("herd engine"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -328,6 +342,7 @@ def main(argv=None) -> int:
     for i in range(args.num_seqs):
         engine.abort_request(f"host-{i}")
     C.free_llm(llm)
+    gen = generate_throughput(path, args, kw, pool) if args.generate_prompts else None
 
     rows = breakdown(step_s, times, pickle_s)
     print()
@@ -343,19 +358,54 @@ def main(argv=None) -> int:
               f"({statistics.fmean(msg_bytes) / args.num_seqs:.1f} bytes per sequence); "
               f"prefill phase: {len(prefill_msgs)} messages, max {max(prefill_msgs or [0]):,} bytes, "
               f"total {sum(prefill_msgs):,} bytes")
+    if gen:
+        print(f"\nLLM.generate: {gen['prompts']} prompts x {gen['prompt_len']} tokens -> {gen['max_tokens']} tokens "
+              f"each (real forward), output tokens/s, median of {len(gen['sync_tok_s'])} interleaved rounds: "
+              f"synchronous {gen['sync_median']:.0f} {[round(x) for x in gen['sync_tok_s']]}, "
+              f"async scheduling {gen['async_median']:.0f} {[round(x) for x in gen['async_tok_s']]}")
     if real:
-        host = real["rows"][0][1]
+        wall, host = real["rows"][0][1], real["rows"][1][1]
         fwd = dict(real["rows"]).get("    forward", {})
-        print(f"with the real forward ({args.real_forward_steps} steps): forward mean {C.fmt(fwd.get('mean_ms'), 1)} ms, "
+        print(f"with the real forward ({args.real_forward_steps} steps): step wall time mean "
+              f"{C.fmt(wall.get('mean_ms'), 1)} ms, forward mean {C.fmt(fwd.get('mean_ms'), 1)} ms, "
               f"host {C.fmt(host.get('mean_ms'), 3)} ms per step")
     C.write_json(args.output_json, {
         "args": vars(args), "machine": C.machine_info(), "llm_kwargs": kw, "missing_internals": probe.missing,
         "notes": probe.notes, "noop": {name: s for name, s in rows}, "step_s": step_s,
         "tp_message_bytes": msg_bytes, "tp_pickle_s": pickle_s, "prefill_message_bytes": prefill_msgs,
-        "real_forward": {name: s for name, s in real["rows"]} if real else None,
+        "real_forward": {name: s for name, s in real["rows"]} if real else None, "generate": gen,
         "final_stats": {"num_running": st.num_running, "num_preemptions": st.num_preemptions,
                         "kv_cache_usage": st.kv_cache_usage}})
     return 0
+
+
+def generate_throughput(path: str, args, kw: dict, pool: list[int]) -> dict:
+    """LLM.generate of --generate-prompts random prompts on two fresh engines, synchronous and async
+    scheduling (the same herd flags otherwise, a KV cache sized by default), in --generate-rounds
+    interleaved rounds so that both see the same machine load; greedy with EOS ignored, so every
+    prompt makes --generate-max-tokens tokens. A first, untimed call warms each engine up."""
+    from herd.engine.sampling_params import SamplingParams
+    n, plen, out = args.generate_prompts, args.generate_prompt_len, args.generate_max_tokens
+    gkw = {k: v for k, v in kw.items() if k not in ("cpu_kv_cache_space_gib", "max_num_batched_tokens")}
+    gkw.update(max_model_len=plen + out + 8, max_num_seqs=min(n, 256))
+    C.status(f"LLM.generate of {n} prompts x {plen} tokens -> {out} tokens, {args.generate_rounds} rounds; "
+             f"LLM kwargs {gkw}")
+    llms = {mode: C.make_llm(path, **{**gkw, "async_scheduling": mode}) for mode in (False, True)}
+    prompts = [{"prompt_token_ids": p} for p in C.random_prompts(pool, [plen] * n, 1)]
+    params = SamplingParams(temperature=0.0, max_tokens=out, ignore_eos=True)
+    for llm in llms.values():
+        llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    tok_s: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(args.generate_rounds):
+        for mode in ((False, True) if r % 2 == 0 else (True, False)):
+            t = time.perf_counter()
+            outs = llms[mode].generate(prompts, params, use_tqdm=False)
+            tok_s[mode].append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t))
+    for llm in llms.values():
+        C.free_llm(llm)
+    return {"prompts": n, "prompt_len": plen, "max_tokens": out, "sync_tok_s": tok_s[False],
+            "async_tok_s": tok_s[True], "sync_median": statistics.median(tok_s[False]),
+            "async_median": statistics.median(tok_s[True])}
 
 
 if __name__ == "__main__":

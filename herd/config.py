@@ -1,7 +1,8 @@
 """EngineConfig: built once from CLI flags or LLM(...) kwargs and passed down.
 
 This is the only module that reads environment variables (QUANT_CONFIG, HERD_API_KEY, HERD_CACHE,
-HERD_ALLOW_LONG_MAX_MODEL_LEN / VLLM_ALLOW_LONG_MAX_MODEL_LEN, and the Hugging Face hub's HF_HOME,
+HERD_ALLOW_LONG_MAX_MODEL_LEN / VLLM_ALLOW_LONG_MAX_MODEL_LEN, HERD_ENABLE_MULTIPROCESSING /
+VLLM_ENABLE_V1_MULTIPROCESSING, and the Hugging Face hub's HF_HOME,
 HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT).
 """
 from __future__ import annotations
@@ -298,6 +299,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # per-step token budget; default max(2048, max_model_len)
     enable_chunked_prefill: bool = True
+    async_scheduling: bool = False  # schedule step N+1 while step N runs (herd/engine/scheduler.py)
 
     def finalize(self, max_model_len: int):
         if self.max_num_batched_tokens is None:
@@ -390,6 +392,22 @@ def api_key_from_env() -> str | None:
             raise ValueError(f"${name} is set but empty; set it to the API key, or unset it to serve "
                              "without authentication")
         return value
+    return None
+
+
+def multiprocessing_from_env() -> tuple[str, bool] | None:
+    """$HERD_ENABLE_MULTIPROCESSING, else vLLM's $VLLM_ENABLE_V1_MULTIPROCESSING, as (name, value):
+    0 runs `herd serve`'s engine in the API server process, 1 in an engine core process (the
+    default). None when neither is set."""
+    for name in ("HERD_ENABLE_MULTIPROCESSING", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        value = os.environ.get(name, "").strip().lower()
+        if not value:
+            continue
+        if value in ("1", "true", "yes", "on"):
+            return name, True
+        if value in ("0", "false", "no", "off"):
+            return name, False
+        raise ValueError(f"${name} must be 0 or 1, got {os.environ[name]!r}")
     return None
 
 

@@ -20,22 +20,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RemoteServer:
-    """`python -m herd.cli serve MODEL ARGS` on a free port; waits for /health. Flags in
-    $HERD_TEST_SERVER_ARGS are added to every server, e.g. `--frontend-multiprocessing` to run a
-    server suite against the split server (engine core in its own process)."""
+def spawned_children(pid: int) -> list[int]:
+    """Live processes that `pid` started with multiprocessing's spawn: its engine cores,
+    tensor-parallel workers or API servers (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            out.append(int(entry))
+    return out
 
-    def __init__(self, model: str, args: list[str], api_key: str | None = None, timeout: float = 120.0):
+
+def server_env() -> dict[str, str]:
+    """The environment of a test server: one thread per op, no API key or layout from the caller's
+    environment."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    for name in ("HERD_API_KEY", "VLLM_API_KEY", "HERD_ENABLE_MULTIPROCESSING", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        env.pop(name, None)
+    return env
+
+
+class RemoteServer:
+    """`python -m herd.cli serve MODEL ARGS` on a free port; waits for /health. It runs the default
+    layout, the engine core in its own process. Flags in $HERD_TEST_SERVER_ARGS are added to every
+    server (unless `suite_args=False`), e.g. `--disable-frontend-multiprocessing` to run a server
+    suite against the in-process server. `env`: variables to set for the server; `launcher`: the
+    command that takes herd's arguments (default `python -m herd.cli`)."""
+
+    def __init__(self, model: str, args: list[str], api_key: str | None = None, timeout: float = 120.0,
+                 env: dict[str, str] | None = None, suite_args: bool = True, launcher: list[str] | None = None):
         self.port = free_port()
         self.api_key = api_key
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "herd.cli", "serve", model, "--host", "127.0.0.1",
-               "--port", str(self.port), *args, *os.environ.get("HERD_TEST_SERVER_ARGS", "").split()]
+        cmd = [*(launcher or [sys.executable, "-m", "herd.cli"]), "serve", model, "--host", "127.0.0.1",
+               "--port", str(self.port), *args]
+        if suite_args:
+            cmd += os.environ.get("HERD_TEST_SERVER_ARGS", "").split()
         if api_key:
             cmd += ["--api-key", api_key]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-        env.pop("HERD_API_KEY", None)
-        env.pop("VLLM_API_KEY", None)
+        env = dict(server_env(), **(env or {}))
         # A file, not a pipe: a full pipe would block the server.
         self.log = tempfile.NamedTemporaryFile("w+", prefix="herd-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)

@@ -1,12 +1,15 @@
 """The engine core in its own process: wire format, output processing in the front end, the busy
-loop's overlap, data-parallel load balancing, and `herd serve --frontend-multiprocessing` with a
-dead engine core and with several API servers. (The whole server suite runs against the split
-server with HERD_TEST_SERVER_ARGS=--frontend-multiprocessing.)"""
+loop's overlap, data-parallel load balancing, and `herd serve`'s layouts: the engine core process
+by default (with a dead engine core, and with several API servers), in process when asked or when
+the process cannot start. (Every server suite runs against the default layout; with
+HERD_TEST_SERVER_ARGS=--disable-frontend-multiprocessing against the in-process one.)"""
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +20,7 @@ import zmq
 
 from herd.engine.outputs import Logprob, RequestMetrics
 from herd.engine.sampling_params import SamplingParams, SamplingParamsError
-from tests.server_utils import RemoteServer
+from tests.server_utils import REPO, RemoteServer, server_env, spawned_children
 
 ENGINE_KW = dict(dtype="float32", block_size=4, num_kv_blocks=128, max_model_len=128, device="cpu")
 SERVER_ARGS = ["--dtype", "float32", "--device", "cpu", "--block-size", "4", "--num-kv-blocks", "128",
@@ -45,6 +48,10 @@ def test_wire_format_round_trips():
         pack_request("r#0", 0, [1, 2], bad, 0.0, None)
     msg = unpackb(pack_request("r#0", 1, [1, 2], params, 5.0, None))
     assert msg[:4] == ["add", 1, "r#0", [1, 2]] and decode_params(msg[4]).seed == 5 and msg[5:] == [5.0, None]
+    # a JSON schema may hold integers beyond 64 bits (msgpack's limit): it travels as JSON text
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 10**30}}}
+    msg = unpackb(pack_request("r#1", 0, [1], SamplingParams(structured_outputs={"json": schema}), 0.0, None))
+    assert decode_params(msg[4]).structured_outputs.json == schema
 
     lp = [{5: Logprob(-0.25, 1), 9: Logprob(float("-inf"), 2)}]
     out = EngineCoreOutput("r#0", [SeqOutput(1, [5], lp, -0.25, "stop", 5, True)], [None, {3: Logprob(-1.5, 1)}],
@@ -231,21 +238,7 @@ def test_data_parallel_replicas_share_the_work(scout_dir):
             assert [g[t].logprob for t in g] == pytest.approx([w[t].logprob for t in w], abs=1e-4)
 
 
-# -- `herd serve --frontend-multiprocessing` -----------------------------------------------------
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(entry))
-    return out
-
+# -- `herd serve`: engine core processes by default ----------------------------------------------
 
 def _running(pid: int) -> bool:
     try:
@@ -255,21 +248,60 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode()
+def test_layout_flags_and_environment(monkeypatch):
+    from herd.cli import build_parser
+    from herd.server.cli import frontend_multiprocessing
+
+    def layout(*flags, **env):
+        for name in ("HERD_ENABLE_MULTIPROCESSING", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        argv = ["serve", "m", *flags]
+        return frontend_multiprocessing(build_parser(argv).parse_args(argv))
+
+    assert layout() == (True, "default")
+    assert layout("--frontend-multiprocessing") == (True, "--frontend-multiprocessing")
+    assert layout("--disable-frontend-multiprocessing") == (False, "--disable-frontend-multiprocessing")
+    assert layout("--disable_frontend_multiprocessing")[0] is False
+    assert layout("--no-frontend-multiprocessing") == (False, "--no-frontend-multiprocessing")
+    assert layout(VLLM_ENABLE_V1_MULTIPROCESSING="0") == (False, "$VLLM_ENABLE_V1_MULTIPROCESSING=0")
+    assert layout(HERD_ENABLE_MULTIPROCESSING="false", VLLM_ENABLE_V1_MULTIPROCESSING="1") == (
+        False, "$HERD_ENABLE_MULTIPROCESSING=0")  # herd's name first
+    assert layout(HERD_ENABLE_MULTIPROCESSING="1") == (True, "$HERD_ENABLE_MULTIPROCESSING=1")
+    assert layout("--frontend-multiprocessing", VLLM_ENABLE_V1_MULTIPROCESSING="0")[0] is True  # a flag wins
+    assert layout("-dp", "2", VLLM_ENABLE_V1_MULTIPROCESSING="0") == (True, "--data-parallel-size")
+    assert layout("--api-server-count", "2") == (True, "--api-server-count")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        layout(VLLM_ENABLE_V1_MULTIPROCESSING="maybe")
+    with pytest.raises(ValueError, match="contradict"):
+        layout("--frontend-multiprocessing", "--disable-frontend-multiprocessing")
+    with pytest.raises(ValueError, match="drop --disable-frontend-multiprocessing"):
+        layout("-dp", "2", "--disable-frontend-multiprocessing")
+
+
+def _complete(srv, n=4) -> int:
+    r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": [1, 5, 6], "max_tokens": n,
+                                                      "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["completion_tokens"]
 
 
 def test_dead_engine_core_fails_requests_and_the_server(scout_dir):
+    """A plain `herd serve` (no layout flag) runs its engine core in a process of its own; when
+    that process is killed, the stream in flight ends with an error, /health answers 503 and the
+    server exits with status 1."""
     # a long context, so that the stream is surely still running when the core is killed
-    args = [*SERVER_ARGS, "--max-model-len", "512", "--num-kv-blocks", "160", "--frontend-multiprocessing"]
-    srv = RemoteServer(scout_dir, args)
+    args = [*SERVER_ARGS, "--max-model-len", "512", "--num-kv-blocks", "160"]
+    srv = RemoteServer(scout_dir, args, suite_args=False)
     try:
         body = {"model": "tiny", "prompt": [1, 5, 6], "max_tokens": 500, "ignore_eos": True, "stream": True}
-        r = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=60)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-        cores = [p for p in _children(srv.proc.pid) if "spawn_main" in _cmdline(p)]
+        assert _complete(srv) == 4
+        cores = spawned_children(srv.proc.pid)
         assert len(cores) == 1
+        log = srv.read_log()
+        assert f"engine core process: pid {cores[0]} (the default;" in log
+        assert "EngineCore_0 herd.engine.llm_engine: KV cache" in log  # the model loaded there
         lines, started = [], threading.Event()
 
         def stream():
@@ -297,9 +329,9 @@ def test_dead_engine_core_fails_requests_and_the_server(scout_dir):
 
 
 def test_several_api_servers_share_one_engine_core(scout_dir):
-    srv = RemoteServer(scout_dir, [*SERVER_ARGS, "--api-server-count", "2"], timeout=180)
+    srv = RemoteServer(scout_dir, [*SERVER_ARGS, "--api-server-count", "2"], timeout=180, suite_args=False)
     try:
-        kids = [p for p in _children(srv.proc.pid) if "spawn_main" in _cmdline(p)]
+        kids = spawned_children(srv.proc.pid)
         assert len(kids) == 3  # two API servers and the engine core
         deadline = time.time() + 120  # /health answered from the first API server that was up
         while not all(f"APIServer_{i} herd.serve: serving" in srv.read_log() for i in (0, 1)):
@@ -325,3 +357,48 @@ def test_several_api_servers_share_one_engine_core(scout_dir):
         assert not [p for p in kids if _running(p)]  # the API servers and the core are gone too
     finally:
         srv.stop()
+
+
+def test_in_process_when_asked_by_environment(scout_dir):
+    """vLLM's VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine in the API server process."""
+    srv = RemoteServer(scout_dir, SERVER_ARGS, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, suite_args=False)
+    try:
+        assert spawned_children(srv.proc.pid) == []
+        assert _complete(srv) == 4
+        log = srv.read_log()
+        assert "engine in the API server process ($VLLM_ENABLE_V1_MULTIPROCESSING=0)" in log
+        assert "EngineCore_0" not in log
+    finally:
+        srv.stop()
+
+
+# Starts `herd serve` from a script without the `if __name__ == "__main__":` guard: a spawned process
+# re-runs such a script and cannot start; the server then runs in process.
+_UNGUARDED = """
+import sys
+from herd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_server_falls_back_to_in_process_when_no_engine_core_can_start(scout_dir, tmp_path):
+    script = tmp_path / "serve_unguarded.py"
+    script.write_text(_UNGUARDED)
+    srv = RemoteServer(scout_dir, SERVER_ARGS, launcher=[sys.executable, str(script)], suite_args=False)
+    try:
+        assert _complete(srv) == 4
+        assert spawned_children(srv.proc.pid) == []
+        log = srv.read_log()
+        assert "could not start" in log and "running the engine in the API server process instead" in log
+        assert "engine in the API server process (engine core processes are unavailable)" in log
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0
+    finally:
+        srv.stop()
+    # asked for explicitly, the split does not fall back: the server refuses to start
+    proc = subprocess.run([sys.executable, str(script), "serve", scout_dir, *SERVER_ARGS, "--port", "1",
+                           "--frontend-multiprocessing"], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env=server_env())
+    assert proc.returncode == 2, proc.stderr
+    assert "herd serve: error: engine core 0" in proc.stderr and "could not start" in proc.stderr
+

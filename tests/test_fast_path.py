@@ -155,3 +155,41 @@ def test_fp8_kv_backends_match_reference(scout_dir):
             pytest.importorskip("triton")
         outs = make_llm(scout_dir, attention_backend=backend, **kw).generate(PROMPTS, greedy(12), use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref], backend
+
+
+def test_decode_buckets_cover_every_row_once():
+    from herd.attention.backends.sdpa.backend import BUCKET_MIN_SAVING_TOKENS, decode_buckets
+
+    assert [b.tolist() for b in decode_buckets(np.array([3, 3, 3]), 16)] == [[0, 1, 2]]
+    # one long sequence among many short ones: padding them all to its width would cost more keys
+    # than one more SDPA call, so it gets a bucket of its own
+    widths = np.array([1] * 40 + [200] + [2] * 3)
+    buckets = decode_buckets(widths, 16)
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(len(widths)))
+    assert [40] in [b.tolist() for b in buckets] and len(buckets) == 2
+    # a small saving is not worth a call: one bucket
+    few = np.array([1, 2, 3])
+    assert len(decode_buckets(few, 16)) == 1 and 3 * 2 * 16 < BUCKET_MIN_SAVING_TOKENS
+
+
+def test_sdpa_decode_buckets_match_reference(scout_dir, monkeypatch):
+    """Decodes of very different lengths run in several SDPA buckets (forced here by a zero
+    threshold) and still match the reference backend token for token."""
+    from herd.attention.backends.sdpa import backend as sdpa_backend
+
+    monkeypatch.setattr(sdpa_backend, "BUCKET_MIN_SAVING_TOKENS", 1)
+    seen = []
+    real = sdpa_backend.decode_buckets
+
+    def counting(widths, block_size):
+        buckets = real(widths, block_size)
+        seen.append(len(buckets))
+        return buckets
+
+    monkeypatch.setattr(sdpa_backend, "decode_buckets", counting)
+    prompts = [PROMPTS[0], PROMPTS[1] * 5, PROMPTS[2], PROMPTS[3] * 3]
+    kw = dict(max_model_len=400, num_kv_blocks=400)
+    ref = make_llm(scout_dir, attention_backend="reference", **kw).generate(prompts, greedy(), use_tqdm=False)
+    outs = make_llm(scout_dir, attention_backend="sdpa", **kw).generate(prompts, greedy(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert max(seen) >= 3

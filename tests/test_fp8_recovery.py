@@ -143,6 +143,42 @@ def test_sensitivity_scores_and_picks_the_dominant_layer(amplified):
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
 
 
+def _bos_massive_activation(path, layer: int = 0, dim: int = 5, channel: int = 7) -> None:
+    """Give the BOS token (id 1) one huge MLP intermediate value in `layer`, as real models have
+    (SmolLM2-135M: 3072 at layer 11's down_proj input, 300x any other token; here 7000x): BOS's embedding
+    points along `dim`, which no other token uses and no layer writes, and one gate / up row of
+    `layer` reads it strongly."""
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    emb = tensors["model.embed_tokens.weight"]
+    emb[:, dim] = 0.0
+    emb[1, dim] = 4.0 * emb[1].norm()
+    for i in range(layer + 1):
+        tensors[f"model.layers.{i}.self_attn.o_proj.weight"][dim] = 0.0
+        tensors[f"model.layers.{i}.mlp.down_proj.weight"][dim] = 0.0
+    for proj in ("gate_proj", "up_proj"):
+        tensors[f"model.layers.{layer}.mlp.{proj}.weight"][channel, dim] = 60.0
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_static_sensitivity_sees_what_a_per_tensor_activation_scale_costs(tmp_path):
+    # INC's static scales: one maxabs per linear input, set by BOS's huge value, leaves every other
+    # token's inputs near FP8's subnormal range; per-token scales do not care
+    path = make_deep_llama(tmp_path / "m")
+    _bos_massive_activation(path, layer=4)
+    model = load_model(path, dtype=torch.float32)
+    dyn = measure_layer_sensitivity(model, _seqs(), lambda n: ".self_attn." not in n)
+    static = measure_layer_sensitivity(model, _seqs(), lambda n: ".self_attn." not in n, activations="static")
+    d, s = {x.layer: x.kl for x in dyn.scores}, {x.layer: x.kl for x in static.scores}
+    assert s[4] > 5 * d[4]
+    # elsewhere the two agree to within a few times (same weights, inputs without outliers)
+    assert all(s[i] < 4 * d[i] + 1e-6 for i in d if i != 4)
+    assert pick_sensitive(static).keep == [4]
+    assert 4 not in pick_sensitive(dyn).keep
+    with pytest.raises(ValueError, match="activations"):
+        measure_layer_sensitivity(model, _seqs(), lambda n: True, activations="per-block")
+
+
 def test_sensitivity_keeps_nothing_when_no_layer_stands_out(tmp_path):
     path = make_tiny_llama(tmp_path / "m", "llama3", seed=3)
     sens = measure_layer_sensitivity(load_model(path, dtype=torch.float32), _seqs(), lambda n: True)

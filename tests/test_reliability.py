@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from tests.server_utils import REPO, RemoteServer, free_port
+from tests.server_utils import REPO, RemoteServer, free_port, spawned_children
 
 API_KEY = "sk-reliability"
 MODEL = "tiny"
@@ -491,13 +491,14 @@ sys.exit(main(sys.argv[1:]))
 
 
 class WrappedServer(RemoteServer):
-    """RemoteServer running `herd serve` under _WRAPPER."""
+    """RemoteServer running `herd serve` under _WRAPPER. In process (--disable-frontend-multiprocessing):
+    the patched executor exists only in this process; a spawned engine core would run the real one."""
 
     def __init__(self, model: str, args: list[str], step_delay: float = 0.0, timeout: float = 120.0):
         self.port, self.api_key = free_port(), None
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-c", _WRAPPER, str(step_delay), "serve", model, "--host", "127.0.0.1",
-               "--port", str(self.port), *args]
+               "--port", str(self.port), "--disable-frontend-multiprocessing", *args]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         env.pop("HERD_API_KEY", None)
         env.pop("VLLM_API_KEY", None)
@@ -509,11 +510,15 @@ class WrappedServer(RemoteServer):
 def test_dead_engine_exits_nonzero(scout_dir):
     srv = WrappedServer(scout_dir, SERVER_ARGS)
     try:
+        if os.path.isdir("/proc"):
+            assert spawned_children(srv.proc.pid) == []  # no engine core process
         r = httpx.post(srv.url + "/v1/completions", json=_completion([1, POISON, 4], 4), timeout=60)
         assert_openai_error(r, 500)
         assert srv.proc.wait(60) == 1
         log = srv.read_log()
         assert "device lost (injected)" in log and "the engine has stopped" in log
+        assert "engine in the API server process (--disable-frontend-multiprocessing)" in log
+        assert "EngineCore_0" not in log  # no engine core process logged anything
     finally:
         srv.stop()
 

@@ -25,7 +25,6 @@ NOT_NEEDED = {
     "swap_space": "herd preempts by recomputation and never swaps KV blocks to CPU memory",
     "max_seq_len_to_capture": "herd's captured decode steps serve every context length",
     "disable_custom_all_reduce": "herd uses torch.distributed's all-reduce only",
-    "async_scheduling": "herd schedules each step after the last; the flag only tunes throughput in vLLM",
 }
 
 # vLLM features herd does not have: asking for them fails with this message.
@@ -166,6 +165,9 @@ class EngineArgs:
                                         choices=["auto", "reference", "sdpa", "triton"])
     enforce_eager: bool | None = arg(None, "no CUDA graphs or compiled decode (default: graphs on CUDA)",
                                      action="store_true")
+    async_scheduling: bool = arg(False, "schedule each step while the previous one runs, its sampled tokens "
+                                        "fed back on the device (steps that need them on the host run "
+                                        "synchronously; see docs/fast_path.md)", action="store_true")
     compilation_config: str | int | dict | None = arg(
         None, "level (-O3) or JSON, e.g. '{\"level\": 3, \"backend\": \"inductor\"}'", flags=("-O",))
     structured_outputs_config: str | dict | None = arg(
@@ -193,7 +195,6 @@ class EngineArgs:
     swap_space: float | None = arg(None, kind=NOT_NEEDED_KIND, type=float)
     max_seq_len_to_capture: int | None = arg(None, kind=NOT_NEEDED_KIND, type=parse_length)
     disable_custom_all_reduce: bool = arg(False, kind=NOT_NEEDED_KIND, action="store_true")
-    async_scheduling: bool = arg(False, kind=NOT_NEEDED_KIND, action="store_true")
     # vLLM features herd does not have.
     enable_lora: bool = arg(False, kind=UNSUPPORTED, action="store_true")
     speculative_config: str | dict | None = arg(None, kind=UNSUPPORTED)

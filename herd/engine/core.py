@@ -9,7 +9,9 @@ it tokenized requests over ZeroMQ (herd/engine/serial_utils.py) and get token ou
 never detokenizes. Its busy loop overlaps host work with the device: the forward of step N runs on
 a device thread while the loop sends step N-1's outputs, decodes and admits new requests; only what
 step N+1 depends on (appending step N's tokens, the token-level stops, scheduling) sits between two
-forwards. IO threads do the socket work, as in vLLM.
+forwards. With async scheduling that too moves off the gap: step N+1 is scheduled and queued on the
+device thread before step N's outputs are applied (herd/engine/scheduler.py says when it cannot
+be), so two steps are in flight. IO threads do the socket work, as in vLLM.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import zmq
@@ -187,34 +190,43 @@ class EngineCoreProc(EngineCore):
     def run_busy_loop(self) -> int:
         """Until stop(): inputs -> schedule -> execute (device thread) -> apply. Returns the exit
         status: 0 after stop(), 1 when the engine died (every API server has been told)."""
-        pending = None   # (batch, future) of the step on the device
+        pending: deque = deque()   # (batch, future) of the steps on the device, oldest first
+        depth = 2 if self.engine.async_scheduling else 1
         idle_rounds = 0
         try:
             while not self._stop.is_set():
-                busy = pending is not None or self.engine.has_unfinished_requests()
+                busy = bool(pending) or self.engine.has_unfinished_requests()
                 if not busy:
                     self._flush()  # the last outputs leave before the loop waits for work
                 self._apply_inputs(0.0 if busy else 0.05)
-                if pending is None and self.engine.has_unfinished_requests():
-                    pending = self._launch()
-                    if pending is None:  # nothing schedulable: do not spin, report if it lasts
+                if not pending and self.engine.has_unfinished_requests():
+                    launched = self._launch()
+                    if launched is None:  # nothing schedulable: do not spin, report if it lasts
                         self._flush()
                         self._note_stall()
                         self._apply_inputs(0.01)
                         continue
+                    pending.append(launched)
                 self._flush()  # the previous step's outputs leave while this step runs
-                if pending is None:
+                if not pending:
                     self._stalled_since = None
                     idle_rounds += 1
                     if idle_rounds % 10 == 0:  # a tensor-parallel rank that died while idle
                         self.engine.check_health()
                     continue
                 self._apply_inputs(0.0)  # admit what arrived meanwhile, still during the step
-                batch, future = pending
-                pending = None
+                if len(pending) < depth:  # async scheduling: the next step, before this one's outputs
+                    launched = self._launch(pending)
+                    if launched is not None:
+                        pending.append(launched)
+                    elif not pending:  # scheduling failed: the running step was drained
+                        continue
+                batch, future = pending.popleft()
                 try:
                     out = future.result()
                 except Exception as e:
+                    self.engine.scheduler.discard(batch)
+                    self._drain(pending)
                     self._recover(e)  # raises when the engine cannot go on
                     continue
                 self._failures_in_a_row = 0
@@ -227,15 +239,27 @@ class EngineCoreProc(EngineCore):
             self._announce_death(e)
             return 1
 
-    def _launch(self):
+    def _launch(self, pending=()):
         try:
             batch = self.engine.schedule()
         except Exception as e:
+            self._drain(pending)
             self._recover(e)
             return None
         if not batch.seqs:
             return None
         return batch, self._device.submit(self.engine.executor.execute, batch)
+
+    def _drain(self, pending):
+        """Wait for the steps still on the device and forget them: one before them failed (their
+        requests are aborted), and nothing may run there while the probe step does."""
+        while pending:
+            batch, future = pending.popleft()
+            try:
+                future.result()
+            except Exception:
+                pass
+            self.engine.scheduler.discard(batch)
 
     def _apply_inputs(self, wait: float):
         try:

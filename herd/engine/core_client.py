@@ -18,30 +18,26 @@ server exits non-zero (herd/server/cli.py watch_engine).
 
 Data parallel: several engine cores (each with its own tensor-parallel group) behind one front end;
 each request goes to one core, picked by herd/engine/dp.py (queue lengths, prefix-cache affinity).
+The processes themselves are started and stopped by herd/engine/core_procs.py.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-import multiprocessing as mp
 import os
 import select
-import shutil
-import tempfile
 import threading
 import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 
 import zmq
 
-from herd.config import EngineConfig, cuda_visible_devices
+from herd.config import EngineConfig
 from herd.engine.async_engine import OutputSlot, deliver, wake_slots
-from herd.engine.core import run_engine_core
+from herd.engine.core_procs import CoreGroup, CoreInfo, EngineCoreProcs
 from herd.engine.dp import DPLoadBalancer
 from herd.engine.exceptions import EngineDeadError
 from herd.engine.input_processor import InputProcessor
@@ -51,7 +47,7 @@ from herd.engine.outputs import RequestOutput
 from herd.engine.sampling_params import SamplingParams
 from herd.engine.serial_utils import decode_error, decode_output, merge_stats, pack_request, packb, unpackb
 from herd.engine.tokenizer import get_eos_token_ids
-from herd.parallel.mp_executor import exit_reason, join_or_kill
+from herd.parallel.mp_executor import exit_reason
 from herd.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -60,115 +56,24 @@ logger = logging.getLogger(__name__)
 OUTPUT_CHUNK = 64
 
 
-@dataclass
-class CoreInfo:
-    """What an API server needs to reach one engine core (picklable: API server processes get it)."""
-    index: int
-    pid: int
-    input_addr: str
-    num_blocks: dict[str, int]
-
-
-@dataclass
-class CoreGroup:
-    """The engine cores of a server and the output address of each API server."""
-    cores: list[CoreInfo]
-    client_addrs: list[str]
-    block_size: int
-    procs: list = field(default_factory=list, repr=False)   # in the launcher only
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["procs"] = []  # processes stay with the launcher
-        return state
-
-
-def _stop_cores(procs, conns, ipc_dir: str, timeout: float = 30.0):
-    for conn in conns:
-        try:
-            conn.send("shutdown")
-        except (OSError, ValueError):
-            pass
-    join_or_kill(procs, timeout, kill_wait_s=5.0)
-    for conn in conns:
-        conn.close()
-    shutil.rmtree(ipc_dir, ignore_errors=True)
-
-
-class EngineCoreProcs:
-    """Starts `dp_size` engine core processes (spawn), waits until each has loaded its model, and
-    stops them at shutdown (or when this object is collected). A core that fails to start raises
-    its error here (ValueError etc. as the engine raised it), after the others were stopped."""
-
-    def __init__(self, config: EngineConfig, dp_size: int = 1, num_clients: int = 1):
-        if dp_size < 1 or num_clients < 1:
-            raise ValueError("--data-parallel-size and --api-server-count must be >= 1")
-        devices = self._device_slices(config, dp_size)
-        self.ipc_dir = tempfile.mkdtemp(prefix="herd-ipc-")   # 0700: only this user can connect
-        client_addrs = [f"ipc://{self.ipc_dir}/client-{j}" for j in range(num_clients)]
-        ctx = mp.get_context("spawn")
-        self.procs, self.conns = [], []
-        self._finalizer = weakref.finalize(self, _stop_cores, self.procs, self.conns, self.ipc_dir)
-        addrs = [f"ipc://{self.ipc_dir}/core-{i}" for i in range(dp_size)]
-        try:
-            for i in range(dp_size):
-                parent, child = ctx.Pipe()
-                # not a daemon: an engine core may start tensor-parallel worker processes of its own
-                proc = ctx.Process(target=run_engine_core, name=f"herd-engine-core-{i}",
-                                   args=(config, i, addrs[i], client_addrs, child, devices[i]))
-                proc.start()
-                child.close()
-                self.procs.append(proc)
-                self.conns.append(parent)
-            infos = [self._wait_ready(i, addrs[i]) for i in range(dp_size)]
-        except BaseException:
-            self._finalizer()
-            raise
-        self.group = CoreGroup(infos, client_addrs, config.cache.block_size, self.procs)
-
-    @staticmethod
-    def _device_slices(config: EngineConfig, dp_size: int) -> list[str | None]:
-        if config.device != "cuda" or dp_size == 1:
-            return [None] * dp_size
-        import torch
-        tp = config.parallel.tensor_parallel_size
-        ids = cuda_visible_devices() or [str(i) for i in range(torch.cuda.device_count())]
-        if len(ids) < dp_size * tp:
-            raise ValueError(f"--data-parallel-size {dp_size} x --tensor-parallel-size {tp} needs {dp_size * tp} "
-                             f"GPUs; {len(ids)} are visible")
-        return [",".join(ids[i * tp:(i + 1) * tp]) for i in range(dp_size)]
-
-    def _wait_ready(self, i: int, addr: str) -> CoreInfo:
-        proc, conn = self.procs[i], self.conns[i]
-        wait([conn, proc.sentinel])
-        if not conn.poll():
-            proc.join(5.0)
-            raise RuntimeError(f"engine core {i} (pid {proc.pid}) died while starting ({exit_reason(proc.exitcode)})")
-        msg = conn.recv()
-        if msg[0] == "error":
-            _, kind, message = msg
-            klass = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError,
-                     "NotImplementedError": NotImplementedError}.get(kind, RuntimeError)
-            raise klass(message)
-        info = msg[1]
-        return CoreInfo(i, info["pid"], addr, info["num_blocks"])
-
-    def shutdown(self):
-        self._finalizer()
-
-
 class FrontendProcessor(InputProcessor):
     """The API server's side of the engine: prompt checks, structured-output compile checks (their
     grammar cache lives here too), and the engine cores' figures for /metrics."""
 
-    def __init__(self, config: EngineConfig, cores: list[CoreInfo]):
+    def __init__(self, config: EngineConfig, cores: list[CoreInfo] | None = None):
         super().__init__(config)
         mc = config.model
         self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size,
                                                          get_eos_token_ids(mc.model, self.tokenizer),
                                                          mc.structured_outputs_config)
-        self.num_blocks = {g: sum(c.num_blocks.get(g, 0) for c in cores) for g in cores[0].num_blocks}
         self.iteration_tokens: dict[int, int] = {}   # tokens per step -> steps, over all cores
+        if cores is not None:
+            self.set_cores(cores)
+
+    def set_cores(self, cores: list[CoreInfo]) -> None:
+        """The cores' KV blocks, known once they have sized their caches (this processor is built
+        while they load)."""
+        self.num_blocks = {g: sum(c.num_blocks.get(g, 0) for c in cores) for g in cores[0].num_blocks}
 
 
 def _pidfd(pid: int) -> int | None:
@@ -180,12 +85,15 @@ def _pidfd(pid: int) -> int | None:
 
 class AsyncLLM:
     """Front end over engine core processes. `group` names the cores; `client` is this API server's
-    index among those the cores were started for. With `owned`, shutdown() also stops the cores."""
+    index among those the cores were started for. With `owned`, shutdown() also stops the cores;
+    `frontend` is a FrontendProcessor built while the cores loaded."""
 
     def __init__(self, config: EngineConfig, group: CoreGroup, client: int = 0,
-                 owned: EngineCoreProcs | None = None):
+                 owned: EngineCoreProcs | None = None, frontend: FrontendProcessor | None = None):
         self.config = config
-        self.engine = FrontendProcessor(config, group.cores)  # tokenizer, defaults, prompt checks, images
+        # tokenizer, defaults, prompt checks, images
+        self.engine = frontend if frontend is not None else FrontendProcessor(config)
+        self.engine.set_cores(group.cores)
         self.tokenizer = self.engine.tokenizer
         self.group, self.client, self._owned = group, client, owned
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -219,10 +127,13 @@ class AsyncLLM:
 
     @classmethod
     def launch(cls, config: EngineConfig, data_parallel_size: int = 1) -> "AsyncLLM":
-        """Start the engine core processes and a front end for them in this process."""
-        procs = EngineCoreProcs(config, data_parallel_size, num_clients=1)
+        """Start the engine core processes and a front end for them in this process; the front
+        end's tokenizer and structured-output setup run while the cores load."""
+        procs = EngineCoreProcs(data_parallel_size, num_clients=1)
         try:
-            return cls(config, procs.group, 0, owned=procs)
+            procs.start(config)
+            frontend = FrontendProcessor(config)
+            return cls(config, procs.wait_ready(), 0, owned=procs, frontend=frontend)
         except BaseException:
             procs.shutdown()
             raise

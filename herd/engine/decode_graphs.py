@@ -95,12 +95,15 @@ class DecodeGraphRunner:
         t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
         meta = self._metadata(t(np.arange(Bp + 1, dtype=np.int32)), t(seq_lens),
                               {g: t(v) for g, v in tables.items()}, {g: t(v) for g, v in slots.items()}, seq_lens, Bp)
-        return self.compiled(t(ids), t(pos), meta)[:B]
+        ids = t(ids)
+        r.fill_placeholders(ids, si)  # async scheduling: last samples, on the device
+        return self.compiled(ids, t(pos), meta)[:B]
 
     def _run_cuda(self, si, B, Bp):
         ids, pos, seq_lens, tables, slots = self._padded(si, Bp, self.max_blocks)
         b = self.buf
         b["input_ids"][:Bp].copy_(torch.from_numpy(ids), non_blocking=True)
+        self.runner.fill_placeholders(b["input_ids"], si)  # async scheduling: last samples, on the device
         b["positions"][:Bp].copy_(torch.from_numpy(pos), non_blocking=True)
         b["seq_lens"][:Bp].copy_(torch.from_numpy(seq_lens), non_blocking=True)
         for g in tables:

@@ -1,13 +1,17 @@
 """The runner's persistent batch: each live sequence's tokens and block tables in preallocated numpy
 buffers, updated from the scheduler's per-step diffs; a step's model inputs are built from them with
-vectorized numpy (no per-token Python loop)."""
+vectorized numpy (no per-token Python loop).
+
+With async scheduling a row's newest token may be a placeholder (negative in `token_ids`): its value
+is the runner's last sample for the row, on the device; the step names where it goes
+(placeholder_idx) and the runner gathers it there."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from herd.engine.protocol import SchedulerOutput
+from herd.engine.protocol import NO_TOKEN, SchedulerOutput
 
 
 @dataclass
@@ -25,6 +29,8 @@ class StepInputs:
     num_decodes: int
     sample_idx: np.ndarray                # step rows whose last token samples
     prompt_logprob_rows: list             # (step row, first query row, count, first position)
+    placeholder_idx: np.ndarray           # [P] tokens whose id is the row's last sample (on the device)
+    placeholder_rows: np.ndarray          # [P] their buffer rows
 
 
 class InputBatch:
@@ -67,7 +73,7 @@ class InputBatch:
         if not len(c.seq_ids):
             return
         rows = np.fromiter((self.row_of[int(s)] for s in c.seq_ids), dtype=np.int64, count=len(c.seq_ids))
-        got = c.new_token_ids >= 0
+        got = c.new_token_ids != NO_TOKEN  # a sampled token, or PLACEHOLDER (kept negative)
         r = rows[got]
         self.token_ids[r, self.num_tokens[r]] = c.new_token_ids[got]
         self.num_tokens[r] += 1
@@ -99,6 +105,12 @@ class InputBatch:
         if (start + n > self.num_tokens[rows]).any():
             raise RuntimeError("a step schedules tokens the runner does not have")
         input_ids = self.token_ids[tok_rows, positions].astype(np.int64)
+        ph = np.flatnonzero(input_ids < 0)
+        if len(ph):
+            # only a row's newest token can be one its last step is still sampling
+            if (positions[ph] != self.num_tokens[tok_rows[ph]] - 1).any():
+                raise RuntimeError("a step schedules tokens the runner does not have")
+            input_ids[ph] = 0
         slots, tables = {}, {}
         for g, tab in self.tables.items():
             blk = tab[tok_rows, positions // bs].astype(np.int64)
@@ -116,4 +128,4 @@ class InputBatch:
             plp.append((i, int(qsl[i]), end - int(start[i]), int(start[i])))
         self.num_computed[rows] += n
         return StepInputs(perm, rows, n, qsl.astype(np.int32), seq_lens, input_ids, positions, slots, tables,
-                          num_decodes, sample_idx, plp)
+                          num_decodes, sample_idx, plp, ph, tok_rows[ph])

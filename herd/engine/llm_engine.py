@@ -1,11 +1,16 @@
 """LLMEngine: the step loop. add_request -> step() (schedule, run, sample, token stops) -> outputs;
-text and stop strings come from the OutputProcessor (herd/engine/output_processor.py)."""
+text and stop strings come from the OutputProcessor (herd/engine/output_processor.py).
+
+With async scheduling step() keeps one step queued on a device thread: step N+1 is scheduled and
+started before step N's outputs are applied (herd/engine/scheduler.py says when it cannot be)."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import logging
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +99,14 @@ class LLMEngine(InputProcessor):
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.iteration_tokens: dict[int, int] = {}  # tokens computed in a step -> steps (metrics)
+        self.async_scheduling = sc.async_scheduling
+        if self.async_scheduling and config.parallel.tensor_parallel_size > 1:
+            # the other ranks would need each step's samples before the next one: not done yet
+            logger.warning("async scheduling is not supported with tensor_parallel_size > 1; "
+                           "scheduling synchronously")
+            self.async_scheduling = False
+        self._pending: deque = deque()   # (batch, future) of steps on the device thread, oldest first
+        self._device: ThreadPoolExecutor | None = None
         logger.info("KV cache: %s blocks of %d tokens", num_blocks, config.cache.block_size)
 
     def check_health(self):
@@ -103,6 +116,10 @@ class LLMEngine(InputProcessor):
     def shutdown(self):
         """Stop the executor's ranks (idempotent); returns the files their runners wrote on the way
         out (INC MEASURE)."""
+        self._drain()
+        if self._device is not None:
+            self._device.shutdown(wait=True)
+            self._device = None
         self.structured_output.shutdown()
         return self.executor.shutdown()
 
@@ -153,18 +170,72 @@ class LLMEngine(InputProcessor):
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests or self._pending)
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.async_scheduling:
+            return self._step_async()
         batch = self.schedule()
         if not batch.seqs:
             return []
-        outputs, stops = self.output_processor.process_outputs(
-            self.update_from_output(batch, self.executor.execute(batch)))
+        try:
+            out = self.executor.execute(batch)
+        except BaseException:
+            self.scheduler.discard(batch)
+            raise
+        return self._process(batch, out)
+
+    def _process(self, batch: ScheduledBatch, out) -> list[RequestOutput]:
+        outputs, stops = self.output_processor.process_outputs(self.update_from_output(batch, out))
         for request_id, index, stop_str in stops:  # stop strings the output processor found
             self.finish_sequence(request_id, index, stop_str)
         return outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Step N's outputs, with step N+1 scheduled and queued behind it on the device before N's
+        samples are known (when it can be: otherwise the next call schedules it synchronously)."""
+        if self._device is None:
+            self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="herd-device")
+        try:
+            if not self._pending:
+                batch = self.schedule()
+                if not batch.seqs:
+                    return []
+                self._pending.append((batch, self._device.submit(self.executor.execute, batch)))
+            if len(self._pending) == 1:
+                ahead = self.schedule()
+                if ahead.seqs:
+                    self._pending.append((ahead, self._device.submit(self.executor.execute, ahead)))
+            batch, future = self._pending.popleft()
+            try:
+                out = future.result()
+            except BaseException:
+                self.scheduler.discard(batch)
+                raise
+            outputs = self._process(batch, out)
+        except BaseException:
+            self._drain()  # nothing may run on the device while the caller recovers (probe step)
+            raise
+        if not self.requests:
+            self._drain(apply=True)  # a step queued for sequences that have all finished since
+        return outputs
+
+    def _drain(self, apply: bool = False):
+        """Wait for the queued steps; apply their outputs (apply=True: every sequence in them has
+        finished, so nothing is reported) or forget them (a step failed before them)."""
+        while self._pending:
+            batch, future = self._pending.popleft()
+            try:
+                out = future.result()
+            except BaseException as e:
+                out = None
+                if apply:  # nobody waits for this step's outputs: say it failed
+                    logger.warning("a step whose sequences had all finished failed: %r", e)
+            if apply and out is not None:
+                self.update_from_output(batch, out)
+            else:
+                self.scheduler.discard(batch)
 
     def schedule(self) -> ScheduledBatch:
         """The next step's batch (an engine core process runs it on its device thread)."""
@@ -179,6 +250,7 @@ class LLMEngine(InputProcessor):
         the step ran (aborted meanwhile) are skipped."""
         total = batch.total_tokens
         self.iteration_tokens[total] = self.iteration_tokens.get(total, 0) + 1
+        self.scheduler.update_from_output(batch)
         self.scheduler.tracker.commit(batch.output)
         now = time.time()
         touched: dict[str, EngineCoreOutput] = {}

@@ -4,7 +4,11 @@ the state they keep) and what they send back.
 A sequence a runner has not seen arrives in full once (NewSeqData); afterwards only what changed
 travels: the token sampled last step, blocks appended, local blocks released, and how many tokens to
 compute now. Finished or preempted sequences are named so the runners drop them. The arrays are
-compact numpy (a decode step of 256 sequences pickles to about 3 KB)."""
+compact numpy (a decode step of 256 sequences pickles to about 3 KB).
+
+With async scheduling a step is built before the previous step's samples are known: its new token
+is then PLACEHOLDER, meaning "the token you sampled last for this sequence", which the runner keeps
+on the device."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,6 +17,9 @@ import numpy as np
 
 from herd.engine.outputs import Logprob
 from herd.multimodal.inputs import MultiModalSlice
+
+# CachedSeqData.new_token_ids: no new token / a new token the runner sampled itself (async scheduling)
+NO_TOKEN, PLACEHOLDER = -1, -2
 
 
 @dataclass
@@ -29,7 +36,7 @@ class NewSeqData:
 class CachedSeqData:
     """Sequences the runners already hold, aligned arrays."""
     seq_ids: np.ndarray                   # int32
-    new_token_ids: np.ndarray             # int32: the token sampled last step, -1 when none
+    new_token_ids: np.ndarray             # int32: the token sampled last step, NO_TOKEN or PLACEHOLDER
     # per group: (index into seq_ids, block id) of blocks appended to those tables, in order
     new_blocks: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     # per group: (index into seq_ids, number of leading -1 entries now) for local releases

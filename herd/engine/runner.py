@@ -53,6 +53,9 @@ class ModelRunner:
                                       self.kv_groups())
         self.scratch_block: dict[str, int] = {}
         self.decode_graphs = None   # made once the KV cache exists
+        # per InputBatch row, the token this runner sampled last: async scheduling's placeholders
+        # are filled from it on the device (no host round trip between two steps)
+        self.last_sampled = torch.zeros(len(self.input_batch.num_tokens), dtype=torch.long, device=self.device)
 
     def weight_memory(self) -> dict[str, int]:
         """Bytes of this rank's parameters and buffers by dtype (FP8 weights stay FP8 on the device)."""
@@ -167,6 +170,13 @@ class ModelRunner:
         return AttentionMetadata(self.attn_backend, common, self.attn_backend.build(common, self.group_chunks),
                                  self.kv_caches, self.kv_scales)
 
+    def fill_placeholders(self, input_ids: torch.Tensor, si: StepInputs) -> None:
+        """Put each placeholder's value, the row's last sample, into the step's device input ids."""
+        if len(si.placeholder_idx):
+            idx = torch.from_numpy(si.placeholder_idx).to(self.device)
+            rows = torch.from_numpy(si.placeholder_rows).to(self.device)
+            input_ids[idx] = self.last_sampled[rows]
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, eos_ids: set[int] | None = None) -> StepOutput:
         return self.execute_model(batch.output, batch, eos_ids)
@@ -180,6 +190,8 @@ class ModelRunner:
         ib = self.input_batch
         ib.update(sched)
         si = ib.prepare(sched)
+        if batch is None and len(si.placeholder_idx):
+            raise RuntimeError("async scheduling needs the sampled tokens, which only the driver rank has")
         order = sched.order[si.perm]
         hidden = None
         if self.decode_graphs is not None and self.decode_graphs.can_run(si, bool(sched.mm)):
@@ -187,6 +199,7 @@ class ModelRunner:
         if hidden is None:
             meta = self.build_metadata(si)
             input_ids = torch.from_numpy(si.input_ids).to(self.device)
+            self.fill_placeholders(input_ids, si)
             positions = torch.from_numpy(si.positions).to(self.device)
             mm = [sched.mm.get(int(sid)) for sid in order] if sched.mm else [None] * len(order)
             embeds = multimodal_embeddings(self.model, input_ids, mm, si.query_start_loc[:-1].tolist(),
@@ -208,11 +221,16 @@ class ModelRunner:
         perm = si.perm.tolist()
         if len(sample_rows):
             logits = self.model.compute_logits(hidden[torch.from_numpy(sample_rows).to(self.device)]).float()
-            seqs = [batch.seqs[perm[i]] for i in si.sample_idx.tolist()]
+            picked = [perm[i] for i in si.sample_idx.tolist()]
+            counts = batch.num_output_tokens  # placeholders included: min_tokens counts them
             rows = [SamplingRow(params=s.params, prompt_token_ids=s.prompt_token_ids,
                                 output_token_ids=s.output_token_ids, generator=s.generator,
-                                eos_token_ids=eos_ids or set()) for s in seqs]
+                                eos_token_ids=eos_ids or set(),
+                                num_output_tokens=counts[j] if counts is not None else None)
+                    for j, s in ((j, batch.seqs[j]) for j in picked)]
             out = self.sampler(logits, rows)
+            # kept on the device for the next step's placeholders
+            self.last_sampled[torch.from_numpy(si.rows[si.sample_idx]).to(self.device)] = out.sampled
             for j, i in enumerate(si.sample_idx.tolist()):
                 sampled[perm[i]] = out.sampled_token_ids[j]
                 if out.logprobs is not None:

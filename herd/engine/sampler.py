@@ -29,6 +29,13 @@ class SamplingRow:
     output_token_ids: list[int]
     generator: torch.Generator | None = None  # set for seeded requests, on the logits' device
     eos_token_ids: set[int] = field(default_factory=set)
+    # output tokens before this sample when output_token_ids may lag (async scheduling counts the
+    # tokens still being sampled); None: len(output_token_ids)
+    num_output_tokens: int | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.output_token_ids) if self.num_output_tokens is None else self.num_output_tokens
 
 
 @dataclass
@@ -37,6 +44,7 @@ class SamplerOutput:
     # Per row: token id -> Logprob (sampled token first, then the top-N), or None when the row did
     # not ask for logprobs. The whole field is None when no row asked. decoded_token is left None.
     logprobs: list[dict[int, Logprob] | None] | None = None
+    sampled: torch.Tensor | None = None   # the same ids on the logits' device (fed to the next step)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -77,7 +85,7 @@ class Sampler:
             logprobs = [None] * len(rows)
             for i, d in zip(lp_rows, dicts):
                 logprobs[i] = d
-        return SamplerOutput(sampled_token_ids=sampled.tolist(), logprobs=logprobs)
+        return SamplerOutput(sampled_token_ids=sampled.tolist(), logprobs=logprobs, sampled=sampled)
 
 
 # ---- structured outputs -----------------------------------------------------------------------
@@ -103,7 +111,7 @@ def apply_grammar_bitmask(logits: torch.Tensor, rows: list[SamplingRow], picked:
     # allowed_token_ids, bad_words and min_tokens can remove every token the grammar allows, and a
     # logits processor may also bring banned ones back: such rows are checked after the processors.
     if any(rows[i].params.allowed_token_ids is not None or rows[i].params.bad_words_token_ids
-           or rows[i].params.logits_processors or len(rows[i].output_token_ids) < rows[i].params.min_tokens
+           or rows[i].params.logits_processors or rows[i].num_outputs < rows[i].params.min_tokens
            for i in picked):
         return idx, masked, allowed
     return None
@@ -179,7 +187,7 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     """Until min_tokens are out, forbid EOS and stop tokens (even with ignore_eos, as vLLM)."""
     pairs = []
     for i, r in enumerate(rows):
-        if len(r.output_token_ids) < r.params.min_tokens:
+        if r.num_outputs < r.params.min_tokens:
             stop_ids = set(r.eos_token_ids) | r.params.all_stop_token_ids | set(r.params.stop_token_ids)
             pairs += [(i, t) for t in stop_ids]
     _ban(logits, pairs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from herd.engine.protocol import CachedSeqData, NewSeqData, SchedulerOutput
+from herd.engine.protocol import NO_TOKEN, PLACEHOLDER, CachedSeqData, NewSeqData, SchedulerOutput
 
 
 def _small(a: list[int]) -> np.ndarray:
@@ -47,12 +47,17 @@ class OutputTracker:
         done = set(out.finished_seq_ids)
         self.removed = [s for s in self.removed if s not in done]
 
-    def build(self, seqs, num_tokens: list[int]) -> SchedulerOutput:
+    def build(self, seqs, num_tokens: list[int], starts: list[int] | None = None,
+              placeholders: list[int] | None = None) -> SchedulerOutput:
+        """`starts`: each sequence's first position this step (default: its computed tokens; later
+        when steps before it are still running); `placeholders`: tokens those steps are sampling
+        for it (async scheduling; the runner has them on its device)."""
         new, c_ids, c_tok = [], [], []
         c_blocks: dict[str, tuple[list[int], list[int]]] = {}
         c_freed: dict[str, tuple[list[int], list[int]]] = {}
         mm = {}
-        for seq, n in zip(seqs, num_tokens):
+        for k, (seq, n) in enumerate(zip(seqs, num_tokens)):
+            ph = placeholders[k] if placeholders is not None else 0
             sent = self.sent.get(seq.seq_id)
             tables = seq.block_tables
             if sent is None:
@@ -62,14 +67,15 @@ class OutputTracker:
             else:
                 j = len(c_ids)
                 c_ids.append(seq.seq_id)
-                total = seq.num_tokens
+                total = seq.num_tokens + ph
                 if total > sent.num_tokens:  # one sampled token per step
                     if total - sent.num_tokens != 1:
                         raise RuntimeError("more than one new token per step for one sequence")
-                    c_tok.append(seq.output_token_ids[-1])
+                    # the newest position: a placeholder while the step sampling it still runs
+                    c_tok.append(PLACEHOLDER if ph else seq.output_token_ids[-1])
                     sent.num_tokens = total
                 else:
-                    c_tok.append(-1)
+                    c_tok.append(NO_TOKEN)
                 for g, t in tables.items():
                     have = sent.table_lens.get(g, 0)
                     if len(t) > have:
@@ -86,7 +92,8 @@ class OutputTracker:
                         cnt.append(lead)
                         sent.num_freed[g] = lead
             if seq.multi_modal is not None:
-                slices = seq.multi_modal.slices(seq.num_computed_tokens, n)
+                start = starts[k] if starts is not None else seq.num_computed_tokens
+                slices = seq.multi_modal.slices(start, n)
                 if slices:
                     mm[seq.seq_id] = slices
         cached = CachedSeqData(

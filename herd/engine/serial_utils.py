@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 
 import msgpack
 import torch
@@ -57,6 +58,8 @@ def encode_params(params: SamplingParams) -> dict:
         value = getattr(params, f.name)
         if dataclasses.is_dataclass(value):
             value = dataclasses.asdict(value)
+            if isinstance(value.get("json"), (dict, bool)):  # a schema as JSON text: msgpack has no big ints
+                value["json"] = json.dumps(value["json"])
         out[f.name] = value
     return out
 
@@ -68,7 +71,7 @@ def pack_request(request_id: str, client: int, token_ids: list[int], params: Sam
     wire = encode_params(params)
     try:
         return packb(["add", client, request_id, token_ids, wire, arrival_time, encode_mm(mm)])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         bad = [k for k, v in wire.items() if not _packable(v)]
         raise ValueError(f"sampling parameter(s) {bad} cannot be sent to the engine core process ({e}); "
                          "serve with --disable-frontend-multiprocessing to use them") from None
@@ -78,7 +81,7 @@ def _packable(value) -> bool:
     try:
         packb(value)
         return True
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
 
 

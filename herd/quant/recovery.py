@@ -119,7 +119,8 @@ def default_sequences(model_path: str) -> list[list[int]]:
 
 def plan(model_path: str, is_quantized: Callable[[str], bool], bf16_layers: str | int,
          sequences: list[list[int]] | None, text: str, gptq: bool = False, strategy: str = "channel",
-         observer: str = "minmax", device: str = "cpu", progress: bool = True) -> RecoveryPlan:
+         observer: str = "minmax", device: str = "cpu", progress: bool = True,
+         activations: str = "dynamic", input_backoff: float = 0.25) -> RecoveryPlan:
     """Measure what is asked: per-layer sensitivity (unless `bf16_layers` is "none" or 0, or "auto"
     on a large checkpoint) and, with `gptq`, the Hessians (`sequences` required)."""
     from herd.model.loader import load_model
@@ -144,7 +145,8 @@ def plan(model_path: str, is_quantized: Callable[[str], bool], bf16_layers: str 
     try:
         if measure:
             seqs = _limit_tokens(sequences or default_sequences(model_path), SENSITIVITY_TOKENS)
-            sens = measure_layer_sensitivity(model, seqs, is_quantized, hf_prefix, strategy, observer)
+            sens = measure_layer_sensitivity(model, seqs, is_quantized, hf_prefix, strategy, observer,
+                                             activations, input_backoff)
             sens.text = text
             out.sensitivity = (pick_sensitive(sens, DEFAULT_FACTOR) if bf16_layers == "auto"
                                else keep_top(sens, int(bf16_layers)))
@@ -186,10 +188,14 @@ def _inc_like(hf_name: str) -> str:
 
 
 def keep_bf16_for_inc(model_path: str, prompts: list[str], quant_config: str, bf16_layers: str | int,
-                      per_channel: bool, progress: bool = True, blocklist: list[str] = ()) -> RecoveryPlan:
+                      per_channel: bool, progress: bool = True, blocklist: list[str] = (),
+                      activations: str = "static", input_backoff: float = 0.25) -> RecoveryPlan:
     """`herd calibrate`: measure on the calibration prompts and add the kept layers' nodes to the
     QUANTIZE config's blocklist (INC then leaves them in bf16, on Gaudi as in herd). Modules that
-    `blocklist` regexes already leave in bf16 are not scored."""
+    `blocklist` regexes already leave in bf16 are not scored. Layers are scored with activations
+    quantized as the scale method will run them: static per-tensor scales (maxabs over the prompts /
+    (448 * input_backoff)) or, for the dynamic methods, per token; a layer whose input has a rare
+    huge value (SmolLM2's BOS token makes one 300x the rest) costs far more with a static scale."""
     from herd.engine.tokenizer import get_tokenizer
 
     seqs = []
@@ -198,7 +204,8 @@ def keep_bf16_for_inc(model_path: str, prompts: list[str], quant_config: str, bf
         seqs = _limit_tokens([tok.encode(p, add_special_tokens=False) for p in prompts], SENSITIVITY_TOKENS)
     is_quantized = lambda n: not any(re.search(b, _inc_like(n)) for b in blocklist)  # noqa: E731
     out = plan(model_path, is_quantized, bf16_layers, seqs, f"{len(seqs)} calibration prompts",
-               strategy="channel" if per_channel else "tensor", progress=progress)
+               strategy="channel" if per_channel else "tensor", progress=progress,
+               activations=activations, input_backoff=input_backoff)
     if out.sensitivity is not None and out.sensitivity.keep:
         add_to_blocklist(quant_config, inc_blocklist_names(out.kept_modules(herd_names=True), out.hf_config))
     return out

@@ -1,8 +1,10 @@
 """Which decoder layers lose the most accuracy in FP8: measured one layer at a time.
 
 For each decoder layer, only that layer's quantizable linears are put in FP8 (weights rounded to
-the scheme's scales, activations rounded per token, as `--scheme fp8-dynamic` runs them; routed
-experts get FP8 weights only) and the model's next-token distributions on calibration text are
+the scheme's scales; activations rounded per token, as `--scheme fp8-dynamic` runs them, or, with
+`activations="static"`, with one scale per linear from the calibration text's maxabs and INC's
+input backoff, as INC's static QUANTIZE runs them; routed experts get FP8 weights only) and the
+model's next-token distributions on calibration text are
 compared with the original's: the score is the mean KL(original || quantized) per token. The
 per-layer scores add up to about the score of the whole model in FP8, so a layer whose score is
 far above the median is where a disproportionate part of the loss comes from. `pick_sensitive`
@@ -86,12 +88,39 @@ def _fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
     return fake_quantize_fp8(x.float(), scale).to(x.dtype)
 
 
-class _LayerInFp8:
-    """Context: the given modules of one decoder layer run with FP8-rounded weights and inputs."""
+def _fake_quant_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # one scale for the whole tensor, as a static QUANT_CONFIG: values past 448 * scale saturate
+    return fake_quantize_fp8(x.float(), scale).to(x.dtype)
 
-    def __init__(self, linears, experts, strategy: str, observer: str):
+
+class _InputAmax:
+    """Context: records the maxabs of every given linear's input over the passes it is open for
+    (what INC's MEASURE step writes for the node)."""
+
+    def __init__(self, linears):
+        self.amax = {mod: torch.zeros(()) for mod in linears}
+        self.hooks = []
+
+    def _hook(self, mod, args):
+        self.amax[mod] = torch.maximum(self.amax[mod], args[0].detach().abs().amax().float().cpu())
+
+    def __enter__(self):
+        self.hooks = [mod.register_forward_pre_hook(self._hook) for mod in self.amax]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+
+class _LayerInFp8:
+    """Context: the given modules of one decoder layer run with FP8-rounded weights and inputs
+    (per token, or with the fixed per-tensor scales of `input_scales`)."""
+
+    def __init__(self, linears, experts, strategy: str, observer: str, input_scales: dict | None = None):
         self.linears, self.experts = linears, experts
         self.strategy, self.observer = strategy, observer
+        self.input_scales = input_scales
         self.saved, self.hooks = [], []
 
     def _round(self, w: torch.Tensor) -> torch.Tensor:
@@ -101,8 +130,12 @@ class _LayerInFp8:
         for mod in self.linears:
             self.saved.append((mod, "weight", mod.weight.data))
             mod.weight.data = self._round(mod.weight.data)
-            self.hooks.append(mod.register_forward_pre_hook(
-                lambda m, args: (_fake_quant_per_token(args[0]),) + tuple(args[1:])))
+            if self.input_scales is None:
+                hook = lambda m, args: (_fake_quant_per_token(args[0]),) + tuple(args[1:])  # noqa: E731
+            else:
+                scale = self.input_scales[mod]
+                hook = lambda m, args, s=scale: (_fake_quant_static(args[0], s.to(args[0].device)),) + tuple(args[1:])  # noqa: E731
+            self.hooks.append(mod.register_forward_pre_hook(hook))
         for moe in self.experts:
             for attr in ("w13_weight", "w2_weight"):
                 w = getattr(moe, attr).data
@@ -134,10 +167,15 @@ def measure_layer_sensitivity(
     hf_prefix: str = "",
     strategy: str = "channel",
     observer: str = "minmax",
+    activations: str = "dynamic",
+    input_backoff: float = 0.25,
 ) -> Sensitivity:
     """Score every decoder layer of `model` (herd Llama4ForCausalLM, unquantized, single rank).
     `is_quantized(hf_module_name)` says whether the recipe puts a checkpoint module in FP8; a fused
-    herd module counts when all of its parts are quantized."""
+    herd module counts when all of its parts are quantized. `activations`: "dynamic" (per token) or
+    "static" (per linear: maxabs over the same text / (448 * input_backoff))."""
+    if activations not in ("dynamic", "static"):
+        raise ValueError(f"activations must be 'dynamic' or 'static', got {activations!r}")
     from herd.model.layers import LinearBase
     from herd.model.llama4 import FusedMoE
     from herd.quant.compressed_tensors.config import checkpoint_ffn_name, herd_to_hf_modules
@@ -167,12 +205,16 @@ def measure_layer_sensitivity(
                 entry[1].append(mod)
                 entry[2].extend(hf)
                 entry[3].append(name)
-    reference = _logprobs(model, seqs)
+    input_scales = None
+    with _InputAmax([m for entry in per_layer.values() for m in entry[0]]) as seen:
+        reference = _logprobs(model, seqs)
+    if activations == "static":
+        input_scales = {m: (a / (448.0 * input_backoff)).clamp(min=1e-12) for m, a in seen.amax.items()}
     num_tokens = sum(r.shape[0] for r in reference)
     scores = []
     for layer in sorted(per_layer):
         linears, experts, modules, herd_modules = per_layer[layer]
-        with _LayerInFp8(linears, experts, strategy, observer):
+        with _LayerInFp8(linears, experts, strategy, observer, input_scales):
             quant = _logprobs(model, seqs)
         kl = sum(float((r.exp() * (r - q)).sum()) for r, q in zip(reference, quant)) / num_tokens
         scores.append(LayerScore(layer, max(kl, 0.0), modules, herd_modules))

@@ -100,10 +100,10 @@ def add_process_args(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("processes (docs/architecture.md)")
     p.add_argument("--frontend-multiprocessing", "--frontend_multiprocessing", dest="frontend_multiprocessing",
                    action=argparse.BooleanOptionalAction, default=None,
-                   help="run the engine core in its own process behind the API server (default: off; "
-                        "on when --data-parallel-size or --api-server-count is above 1)")
+                   help="run the engine core in its own process behind the API server (the default; "
+                        "$HERD_ENABLE_MULTIPROCESSING=0 or $VLLM_ENABLE_V1_MULTIPROCESSING=0 turn the default off)")
     flag(p, "disable_frontend_multiprocessing", action="store_true",
-         help="vLLM's flag: the engine in the API server process (herd's default)")
+         help="vLLM's flag: the engine in the API server process (as --no-frontend-multiprocessing)")
     flag(p, "data_parallel_size", "-dp", type=int, default=1,
          help="model replicas, each an engine core process with its own tensor-parallel group, behind "
               "the same API server(s); requests go to the least loaded, or to the one caching their prefix")
@@ -111,22 +111,40 @@ def add_process_args(parser: argparse.ArgumentParser) -> None:
          help="API server processes sharing the port in front of the engine core(s)")
 
 
-def frontend_multiprocessing(args) -> bool:
-    """Whether the engine core runs in processes of its own (the split server)."""
+def frontend_multiprocessing(args, use_env: bool = True) -> tuple[bool, str]:
+    """(split, why): whether the engine core runs in processes of its own (the split server) and
+    what decided it: "default", or the flag or environment variable that did (`use_env=False`:
+    the flags alone, without importing herd.config and torch)."""
     dp, asc = getattr(args, "data_parallel_size", 1), getattr(args, "api_server_count", 1)
     if dp < 1 or asc < 1:
         raise ValueError("--data-parallel-size and --api-server-count must be >= 1")
     wanted = getattr(args, "frontend_multiprocessing", None)
+    why = "--frontend-multiprocessing" if wanted else "--no-frontend-multiprocessing"
     if getattr(args, "disable_frontend_multiprocessing", False):
         if wanted:
             raise ValueError("--frontend-multiprocessing and --disable-frontend-multiprocessing contradict")
-        wanted = False
+        wanted, why = False, "--disable-frontend-multiprocessing"
     if dp > 1 or asc > 1:
         if wanted is False:
             raise ValueError("--data-parallel-size and --api-server-count above 1 need the engine core in its own "
-                             "process; drop --disable-frontend-multiprocessing")
-        return True
-    return bool(wanted)
+                             f"process; drop {why}")
+        return True, "--data-parallel-size" if dp > 1 else "--api-server-count"
+    if wanted is not None:
+        return wanted, why
+    if use_env:
+        from herd.config import multiprocessing_from_env
+
+        env = multiprocessing_from_env()  # vLLM's switch; a flag overrides it
+        if env is not None:
+            return env[1], f"${env[0]}={int(env[1])}"
+    return True, "default"
+
+
+def _import_http_stack() -> None:
+    """Imported while the engine cores load, not after: the server's FastAPI app and uvicorn."""
+    import uvicorn  # noqa: F401
+
+    import herd.server.app  # noqa: F401
 
 
 def resolve_args(args) -> None:
@@ -232,28 +250,82 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from herd.config import EngineConfig
-    from herd.engine.async_engine import AsyncLLMEngine
-    from herd.engine.core_client import AsyncLLM, EngineCoreProcs
+    from herd.engine.core_procs import EngineCoreProcs, SplitUnavailable
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    cores = None
+    procs = None
     try:
+        unavailable = None
+        if frontend_multiprocessing(args, use_env=False)[0]:
+            try:  # first thing: the cores import torch and the engine while this process does too
+                procs = EngineCoreProcs(args.data_parallel_size, args.api_server_count)
+            except SplitUnavailable as e:
+                unavailable = e
+        split, why = frontend_multiprocessing(args)  # the environment may say otherwise
+        if not split and procs is not None:
+            procs.shutdown()
+            procs = None
+        if split and procs is None:
+            split, why = _in_process_instead(unavailable, why)
         resolve_args(args)
+        from herd.config import EngineConfig
         config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
-        if not frontend_multiprocessing(args):
+        engine = None
+        if split:
+            procs.start(config)
+            if args.api_server_count > 1:
+                procs.wait_ready()
+            else:
+                try:
+                    engine = _split_front_end(config, procs, why)
+                except SplitUnavailable as e:  # the processes are stopped
+                    procs = None
+                    split, why = _in_process_instead(e, why)
+        if not split:
+            logger.info("engine in the API server process (%s)", why)
+            from herd.engine.async_engine import AsyncLLMEngine
             engine = AsyncLLMEngine(config)
-        elif args.api_server_count == 1:
-            engine = AsyncLLM.launch(config, args.data_parallel_size)
-        else:
-            cores = EngineCoreProcs(config, args.data_parallel_size, args.api_server_count)
         release_freed_memory()
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, SplitUnavailable) as e:
+        if procs is not None:
+            procs.shutdown()
         print(f"herd serve: error: {e}", file=sys.stderr)
         return 2
-    if cores is not None:
-        return run_api_servers(args, config, cores)
+    except BaseException:
+        if procs is not None:
+            procs.shutdown()
+        raise
+    if engine is None:
+        return run_api_servers(args, config, procs)
     return serve_app(args, engine)
+
+
+def _in_process_instead(error: Exception, why: str) -> tuple[bool, str]:
+    """Engine core processes cannot run here: an error when they were asked for, else a warning
+    and the in-process layout."""
+    if why != "default":
+        raise error
+    logger.warning("%s; running the engine in the API server process instead", error)
+    return False, "engine core processes are unavailable"
+
+
+def _split_front_end(config, procs, why: str):
+    """The API server's AsyncLLM over `procs`: its tokenizer and structured-output setup (and the
+    HTTP stack's imports) done while the cores load."""
+    from herd.engine.core_client import AsyncLLM, FrontendProcessor
+
+    frontend = FrontendProcessor(config)
+    _import_http_stack()
+    try:
+        group = procs.wait_ready()
+    except BaseException:
+        frontend.structured_output.shutdown()
+        raise
+    pids = [str(c.pid) for c in group.cores]
+    logger.info("engine core process%s: pid %s (%s)", "es" if len(pids) > 1 else "", ", ".join(pids),
+                "the default; --disable-frontend-multiprocessing runs the engine in this process"
+                if why == "default" else why)
+    return AsyncLLM(config, group, 0, owned=procs, frontend=frontend)
 
 
 def serve_app(args, engine, sockets=None) -> int:

@@ -24,7 +24,7 @@ from herd.engine.arg_utils import parse_length
 from herd.quant.formats import ScaleDevice
 from herd.quant.recovery import add_bf16_arguments, add_to_blocklist, gptq_for_inc, keep_bf16_for_inc
 from herd.quant.inc.config import IncQuantConfig
-from herd.quant.inc.scale_methods import PRESETS, ScaleMethod
+from herd.quant.inc.scale_methods import PRESETS, ScaleMethod, ScaleMethodTable
 from herd.quant.inc.nodes import UNMEASURED_ATTENTION_OPS, find_measurement_sets
 from herd.quant.inc.unify import (coverage_report, format_coverage, load_rank_set, postprocess, unify_files,
                                   write_coverage_report)
@@ -344,8 +344,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(prompts)} prompts; measure config {measure_cfg}; quant config {quant_cfg}")
     try:
         # the bf16 layers are chosen on the original weights, before any rounding
+        method = ScaleMethodTable.from_name(args.scale_method).default
         kept = keep_bf16_for_inc(args.model, prompts, str(quant_cfg), args.bf16_layers,
-                                 "pcs" in args.scale_method, blocklist=args.blocklist_names)
+                                 "pcs" in args.scale_method, blocklist=args.blocklist_names,
+                                 activations="dynamic" if method.dynamic else "static",
+                                 input_backoff=method.activation.backoff)
         if kept.format():
             print(kept.format())
         if args.rounding == "gptq":

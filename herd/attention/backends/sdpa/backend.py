@@ -12,8 +12,10 @@ from herd.ops.attention import FP8_KV_DTYPES, attention_mask
 
 @dataclass
 class DecodePlan:
-    phys: torch.Tensor      # [Bd, W] physical block ids of each decode's visible window (0 where padded)
-    mask: torch.Tensor      # [Bd, 1, 1, W * block_size] visible keys
+    """One batched SDPA over some decode rows, their windows padded to the widest of them."""
+    rows: torch.Tensor | None  # [b] which decode rows (None: all of them, in order)
+    phys: torch.Tensor      # [b, W] physical block ids of each decode's visible window (0 where padded)
+    mask: torch.Tensor      # [b, 1, 1, W * block_size] visible keys
 
 
 @dataclass
@@ -27,12 +29,37 @@ class PrefillPlan:
 
 @dataclass
 class GroupPlan:
-    decode: DecodePlan | None
+    decodes: list[DecodePlan]   # buckets covering every decode row once (empty without decodes)
     prefills: list[PrefillPlan]
+
+
+# A bucket of its own must save at least this many padded keys (summed over its rows) to pay for
+# one more SDPA call per layer and its row gather / scatter.
+BUCKET_MIN_SAVING_TOKENS = 2048
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def decode_buckets(widths: np.ndarray, block_size: int) -> list[np.ndarray]:
+    """Rows of the decode batch (`widths`: visible blocks of each) grouped so that each group's
+    padded width (its widest row) costs little more than its rows' own widths: rows by power-of-two
+    width class, then neighbouring classes merged (narrowest first) while splitting them would save
+    fewer than BUCKET_MIN_SAVING_TOKENS padded keys. Equal widths give one bucket."""
+    order = np.argsort(widths, kind="stable")
+    cls = np.array([_next_pow2(int(w)) for w in widths[order]])
+    groups = [order[cls == c] for c in np.unique(cls)]
+    merged = [groups[0]]
+    for g in groups[1:]:
+        cur = merged[-1]
+        w_cur, w_all = int(widths[cur].max()), int(widths[g].max())
+        saving = len(cur) * (w_all - w_cur)   # padding the narrower rows up to the wider bucket's width
+        if saving * block_size < BUCKET_MIN_SAVING_TOKENS:
+            merged[-1] = np.concatenate([cur, g])
+        else:
+            merged.append(g)
+    return merged
 
 
 def _store(k, v, k_cache, v_cache, slots, k_scale, v_scale):
@@ -61,26 +88,20 @@ class SdpaAttentionBackend(AttentionBackend):
     def _plan(self, common, gm, chunk, for_graph) -> GroupPlan:
         bs, nd = common.block_size, common.num_decodes
         tables = gm.block_tables
-        decode = None
+        decodes = []
         if nd:
             sl = common.seq_lens_cpu[:nd].astype(np.int64)
             start_blk = (((sl - 1) // chunk) * chunk) // bs if chunk is not None else np.zeros_like(sl)
-            width = int(((sl - 1) // bs + 1 - start_blk).max())
-            if for_graph:
-                width = _next_pow2(width)
-            dev = tables.device
-            seq_lens = common.seq_lens[:nd].long()
-            q_pos = seq_lens - 1
-            start_tok = (q_pos // chunk) * chunk if chunk is not None else torch.zeros_like(q_pos)
-            first = start_tok // bs
-            blk = first[:, None] + torch.arange(width, device=dev)[None, :]
-            n_blk = q_pos // bs + 1
-            phys = tables[:nd].long().gather(1, blk.clamp(max=tables.shape[1] - 1))
-            # Padding and freed (-1) entries are never attended; point them at block 0 for the gather.
-            phys = torch.where((blk < n_blk[:, None]) & (phys >= 0), phys, 0)
-            k_pos = first[:, None] * bs + torch.arange(width * bs, device=dev)[None, :]
-            mask = (k_pos <= q_pos[:, None]) & (k_pos >= start_tok[:, None])
-            decode = DecodePlan(phys, mask[:, None, None, :])
+            widths = (sl - 1) // bs + 1 - start_blk
+            # captured graphs need one static shape: a single bucket, its width a power of two
+            buckets = [None] if for_graph else decode_buckets(widths, bs)
+            if len(buckets) == 1:
+                buckets = [None]   # every row, in order
+            for rows in buckets:
+                width = int(widths.max() if rows is None else widths[rows].max())
+                if for_graph:
+                    width = _next_pow2(width)
+                decodes.append(self._decode_plan(common, tables, chunk, width, rows))
         prefills = []
         qsl, sls = common.query_start_loc_cpu, common.seq_lens_cpu
         for b in range(nd, common.num_reqs):
@@ -95,26 +116,47 @@ class SdpaAttentionBackend(AttentionBackend):
             k_pos = torch.arange(start_block * bs, seq_len, device=dev)
             prefills.append(PrefillPlan(s, e, tables[b, start_block:n_blocks].long(), seq_len - start_block * bs,
                                         attention_mask(q_pos, k_pos, chunk)))
-        return GroupPlan(decode, prefills)
+        return GroupPlan(decodes, prefills)
+
+    @staticmethod
+    def _decode_plan(common, tables, chunk, width, rows) -> DecodePlan:
+        bs, nd = common.block_size, common.num_decodes
+        dev = tables.device
+        idx = None if rows is None else torch.as_tensor(rows, dtype=torch.long).to(dev)
+        seq_lens = common.seq_lens[:nd].long()
+        table = tables[:nd]
+        if idx is not None:
+            seq_lens, table = seq_lens[idx], table[idx]
+        q_pos = seq_lens - 1
+        start_tok = (q_pos // chunk) * chunk if chunk is not None else torch.zeros_like(q_pos)
+        first = start_tok // bs
+        blk = first[:, None] + torch.arange(width, device=dev)[None, :]
+        n_blk = q_pos // bs + 1
+        phys = table.long().gather(1, blk.clamp(max=tables.shape[1] - 1))
+        # Padding and freed (-1) entries are never attended; point them at block 0 for the gather.
+        phys = torch.where((blk < n_blk[:, None]) & (phys >= 0), phys, 0)
+        k_pos = first[:, None] * bs + torch.arange(width * bs, device=dev)[None, :]
+        mask = (k_pos <= q_pos[:, None]) & (k_pos >= start_tok[:, None])
+        return DecodePlan(idx, phys, mask[:, None, None, :])
 
     def forward(self, layer, q, k, v, positions, meta):
         k_cache, v_cache, k_scale, v_scale = self.layer_cache(layer, meta)
         _store(k, v, k_cache, v_cache, meta.common.groups[layer.group].slot_mapping, k_scale, v_scale)
         plan: GroupPlan = meta.per_group[layer.group]
         gqa = layer.num_heads != layer.num_kv_heads  # module constants: a plain bool under tracing
-        dec = None
-        if plan.decode is not None:
-            d = plan.decode
-            nd = d.phys.shape[0]
-            kb = _dequant(k_cache[d.phys], q.dtype, k_scale).flatten(1, 2)   # [Bd, W*bs, Hkv, hd]
-            vb = _dequant(v_cache[d.phys], q.dtype, v_scale).flatten(1, 2)
-            dec = F.scaled_dot_product_attention(q[:nd, :, None, :], kb.transpose(1, 2), vb.transpose(1, 2),
-                                                 attn_mask=d.mask, scale=layer.scale, enable_gqa=gqa)[:, :, 0, :]
-            if not plan.prefills and nd == q.shape[0]:
-                return dec
+        if len(plan.decodes) == 1 and plan.decodes[0].rows is None and not plan.prefills:
+            d = plan.decodes[0]
+            if d.phys.shape[0] == q.shape[0]:
+                return self._decode(layer, q, k_cache, v_cache, k_scale, v_scale, d, gqa)
         out = torch.empty_like(q)
-        if dec is not None:
-            out[:dec.shape[0]] = dec
+        nd = sum(d.phys.shape[0] for d in plan.decodes)
+        for d in plan.decodes:
+            o = self._decode(layer, q[:nd] if d.rows is None else q[d.rows], k_cache, v_cache, k_scale, v_scale,
+                             d, gqa)
+            if d.rows is None:
+                out[:nd] = o
+            else:
+                out.index_copy_(0, d.rows, o)
         for p in plan.prefills:
             kb = _dequant(k_cache[p.block_ids].flatten(0, 1)[:p.num_tokens], q.dtype, k_scale)
             vb = _dequant(v_cache[p.block_ids].flatten(0, 1)[:p.num_tokens], q.dtype, v_scale)
@@ -123,3 +165,10 @@ class SdpaAttentionBackend(AttentionBackend):
                                                enable_gqa=gqa)
             out[p.start:p.end] = o.transpose(0, 1)
         return out
+
+    @staticmethod
+    def _decode(layer, q, k_cache, v_cache, k_scale, v_scale, d: DecodePlan, gqa: bool):
+        kb = _dequant(k_cache[d.phys], q.dtype, k_scale).flatten(1, 2)   # [b, W*bs, Hkv, hd]
+        vb = _dequant(v_cache[d.phys], q.dtype, v_scale).flatten(1, 2)
+        return F.scaled_dot_product_attention(q[:, :, None, :], kb.transpose(1, 2), vb.transpose(1, 2),
+                                              attn_mask=d.mask, scale=layer.scale, enable_gqa=gqa)[:, :, 0, :]
