@@ -344,6 +344,16 @@ def test_scales_for_rank_caches_like_inc(tmp_path):
     Measurements({name: NodeStats([40.0], None, 0.5)}, local_rank=0).save(measurement_stem(prefix, "maxabs", 0, 2))
     assert scales_for_rank(c, 0, 2, device=G3).nodes[name].inputs == [0.125]
     assert scales_for_rank(cfg(dump_stats_path=prefix, recalc_scales=True), 0, 2, device=G3).nodes[name].inputs == [0.5]
+    # a node blocklisted since the cache was written stays out of the scales (bf16), as INC's
+    # should_quantize leaves it out whatever the cache holds
+    other = name.replace("layers.0.", "layers.1.")
+    Measurements({name: NodeStats([10.0], None, 0.5), other: NodeStats([4.0], None, 0.5)},
+                 local_rank=0).save(measurement_stem(prefix, "maxabs", 0, 2))
+    both = scales_for_rank(cfg(dump_stats_path=prefix, recalc_scales=True), 0, 2, device=G3)
+    assert set(both.nodes) == {name, other}
+    blocked = cfg(dump_stats_path=prefix, blocklist={"types": [], "names": [r"layers\.1\.self_attn"]})
+    assert set(scales_for_rank(blocked, 0, 2, device=G3).nodes) == {name}
+    assert set(scales_for_rank(c, 0, 2, device=G3).nodes) == {name, other}   # the cache itself is unchanged
 
 
 # ================================ names and the collector =======================================

@@ -339,6 +339,23 @@ def scale_file_stem(config: IncQuantConfig, rank: int | None = None, world_size:
     return scale_stem(config.dump_stats_path, method, config.observer, rank, world_size)
 
 
+def _selected(scales: ScaleFile, config: IncQuantConfig, node_classes: Mapping[str, str] | None) -> ScaleFile:
+    """A cached scale file holds the nodes selected when it was written; the QUANTIZE config in
+    use decides which of them run in FP8 (a node blocklisted since stays in bf16, as in INC, whose
+    should_quantize runs before the cache is read)."""
+    def keep(name: str, ns: NodeScales) -> bool:
+        if node_classes and name in node_classes:
+            return is_selected(name, node_classes[name], config)
+        try:
+            cls = infer_node_class(name, ns.weight is not None, len(ns.outputs) if ns.outputs else None)[0]
+        except ValueError:
+            return True   # a node herd cannot classify: the file's word stands
+        return is_selected(name, cls, config)
+
+    kept = {n: ns for n, ns in scales.nodes.items() if keep(n, ns)}
+    return ScaleFile(kept, scales.local_rank, scales.global_rank)
+
+
 def scales_for_rank(config: IncQuantConfig, rank: int | None = None, world_size: int | None = None,
                     device: "str | ScaleDevice" = ScaleDevice.CUDA, weights: "WeightSource" = None,
                     node_classes: Mapping[str, str] | None = None) -> ScaleFile:
@@ -354,14 +371,14 @@ def scales_for_rank(config: IncQuantConfig, rank: int | None = None, world_size:
     own = stems(device)
     cached = find_rank_file(own)
     if cached is not None and not recalc:
-        return ScaleFile.load(cached)
+        return _selected(ScaleFile.load(cached), config, node_classes)
     meas_stems = rank_stems(lambda r, w: measurement_stem(config.dump_stats_path, config.observer, r, w),
                             rank, world_size, separate)
     meas = find_rank_file(meas_stems)
     if meas is None:
         inc_cache = find_rank_file(stems(None))
         if inc_cache is not None and not recalc:
-            return ScaleFile.load(inc_cache)
+            return _selected(ScaleFile.load(inc_cache), config, node_classes)
         tried = " or ".join(Path(st + ".npz").name for st in meas_stems)
         raise FileNotFoundError(
             f"no measurements for rank {rank if rank is not None else 0} of {world_size or 1} in "
