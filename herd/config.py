@@ -17,6 +17,7 @@ from herd.model.config import Llama4TextConfig
 from herd.gguf import gguf_cache_dir, is_gguf_path
 from herd.hub.aliases import resolve_alias
 from herd.hub.hf_cache import HubSettings, is_repo_id, resolve_repo_id
+from herd.json_args import parse_json_object
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -60,20 +61,6 @@ def allow_long_max_model_len() -> bool:
 MM_MODALITIES = ("image", "video", "audio")
 # generation_config.json fields that are sampling defaults (vLLM's "auto" generation config).
 GENERATION_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
-
-
-def parse_json_object(value, name: str) -> dict:
-    """A dict, or JSON text of an object (CLI flags); None -> {}."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{name} is not valid JSON ({e}): {value!r}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a JSON object, got {value!r}")
-    return dict(value)
 
 
 def parse_mm_limits(value) -> dict[str, int] | None:

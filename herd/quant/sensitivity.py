@@ -206,10 +206,12 @@ def measure_layer_sensitivity(
                 entry[2].extend(hf)
                 entry[3].append(name)
     input_scales = None
-    with _InputAmax([m for entry in per_layer.values() for m in entry[0]]) as seen:
-        reference = _logprobs(model, seqs)
     if activations == "static":
+        with _InputAmax([m for entry in per_layer.values() for m in entry[0]]) as seen:
+            reference = _logprobs(model, seqs)
         input_scales = {m: (a / (448.0 * input_backoff)).clamp(min=1e-12) for m, a in seen.amax.items()}
+    else:
+        reference = _logprobs(model, seqs)
     num_tokens = sum(r.shape[0] for r in reference)
     scores = []
     for layer in sorted(per_layer):

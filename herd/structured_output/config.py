@@ -2,8 +2,9 @@
 --structured-outputs-config and its older --guided-decoding-backend)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
+
+from herd.json_args import parse_json_object
 
 # Backends herd has, and names vLLM users may pass that mean the same here.
 BACKENDS = ("guidance",)
@@ -44,16 +45,9 @@ class StructuredOutputsConfig:
             return cls()
         if isinstance(value, cls):
             return value
-        if isinstance(value, str):
-            text = value.strip()
-            if not text.startswith("{"):
-                return cls(backend=text)
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"structured outputs config {text!r} is not a JSON object: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"structured outputs config must be a JSON object, got {value!r}")
+        if isinstance(value, str) and not value.strip().startswith("{"):
+            return cls(backend=value.strip())
+        value = parse_json_object(value, "structured outputs config")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
