@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 
 import torch
 
@@ -96,6 +97,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# On the CPU, inductor's own GEMM template (weights frozen into the graph and prepacked, then
+# autotuned against MKL per shape) reads a decode step's weights 2-2.5x faster than MKL's GEMV
+# (docs/benchmarks.md). Frozen weights are a second copy of the linear weights in memory. The
+# last two keep autotuning's per-GEMM timing tables off the server's stderr/stdout.
+CPU_INDUCTOR_DEFAULTS = MappingProxyType(
+    {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+     "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False})
+
+
 @dataclass
 class CompilationConfig:
     """vLLM's -O / --compilation-config: `level` 0 runs eagerly; >= 1 compiles the model with
@@ -104,6 +114,8 @@ class CompilationConfig:
     level: int | None = None                      # None: 0 on CPU, 3 on CUDA (graphs only)
     backend: str = "inductor"
     cudagraph_capture_sizes: list[int] | None = None
+    # inductor options (vLLM's name), on top of herd's CPU defaults (CPU_INDUCTOR_DEFAULTS)
+    inductor_compile_config: dict | None = None
 
     @classmethod
     def parse(cls, value) -> "CompilationConfig":
@@ -133,17 +145,30 @@ class CompilationConfig:
         if "mode" in value:  # newer vLLM spelling of level
             value.setdefault("level", value.pop("mode"))
         cfg = cls(**value)
+        if cfg.inductor_compile_config is not None and not isinstance(cfg.inductor_compile_config, dict):
+            raise ValueError("inductor_compile_config must be a JSON object of inductor options")
         if cfg.cudagraph_capture_sizes is not None and (
                 not cfg.cudagraph_capture_sizes or any(int(n) <= 0 for n in cfg.cudagraph_capture_sizes)):
             raise ValueError("cudagraph_capture_sizes must be positive batch sizes")
         return cfg
 
-    def capture_sizes(self, max_num_seqs: int) -> list[int]:
-        """vLLM's default buckets: 1, 2, 4, then every 8, up to max_num_seqs."""
+    def capture_sizes(self, max_num_seqs: int, device_type: str = "cuda") -> list[int]:
+        """vLLM's default buckets on CUDA: 1, 2, 4, then every 8, up to max_num_seqs. On the CPU
+        powers of two: each size is a compile of tens of seconds there, and a decode step's GEMMs
+        are bound by reading the weights, so padding a batch up to 2x costs little."""
         if self.cudagraph_capture_sizes is not None:
             return sorted({min(int(n), max_num_seqs) for n in self.cudagraph_capture_sizes})
-        sizes = [1, 2, 4] + list(range(8, max_num_seqs + 8, 8))
+        if device_type == "cpu":
+            sizes = [1 << i for i in range(max(1, max_num_seqs).bit_length() + 1)]
+        else:
+            sizes = [1, 2, 4] + list(range(8, max_num_seqs + 8, 8))
         return sorted({min(n, max_num_seqs) for n in sizes})
+
+    def inductor_options(self, device_type: str) -> dict:
+        """The options torch.compile's inductor gets: herd's CPU defaults, then the user's."""
+        opts = dict(CPU_INDUCTOR_DEFAULTS) if device_type == "cpu" else {}
+        opts.update(self.inductor_compile_config or {})
+        return opts
 
 
 @dataclass

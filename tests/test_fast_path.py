@@ -135,12 +135,40 @@ def test_compiled_decode_matches_eager(fixture, request):
     assert make_llm(path).llm_engine.executor.runner.decode_graphs is None  # CPU: compile only when asked
 
 
+def test_compiled_decode_compiles_once_per_capture_size(scout_dir):
+    """The KV window grows with the sequences (power-of-two buckets of blocks): it is compiled as a
+    symbolic size, so longer sequences at the same batch size never recompile."""
+    torch._dynamo.reset()
+    prompts = PROMPTS[:2]
+    llm = make_llm(scout_dir, compilation_config={"level": 3, "backend": "eager", "cudagraph_capture_sizes": [1, 2]})
+    sizes = []
+    run = llm.llm_engine.executor.runner.decode_graphs.run
+    llm.llm_engine.executor.runner.decode_graphs.run = lambda si: sizes.append(len(si.rows)) or run(si)
+    for batch in (prompts, prompts[:1]):                      # windows of 2-4 blocks of 4 tokens
+        llm.generate(batch, greedy(4), use_tqdm=False)
+    assert set(sizes) == {1, 2}
+    eager = make_llm(scout_dir, enforce_eager=True)
+    with torch.compiler.set_stance("fail_on_recompile"):      # up to 29 blocks: widths 8, 16, 32
+        for batch in (prompts, prompts[1:]):
+            outs = llm.generate(batch, greedy(100), use_tqdm=False)
+            ref = eager.generate(batch, greedy(100), use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+
+
 def test_enforce_eager_and_compilation_flags():
     from herd.config import CompilationConfig
     assert CompilationConfig.parse("3").level == 3
     assert CompilationConfig.parse('{"level": 1, "backend": "eager"}').backend == "eager"
     assert CompilationConfig.parse({"mode": 2}).level == 2
     assert CompilationConfig.parse(None).capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert CompilationConfig.parse(None).capture_sizes(40, "cpu") == [1, 2, 4, 8, 16, 32, 40]
+    assert CompilationConfig.parse(None).capture_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
+    cc = CompilationConfig.parse('{"level": 3, "inductor_compile_config": {"max_autotune": false}}')
+    opts = cc.inductor_options("cpu")
+    assert opts["freezing"] and opts["max_autotune"] is False and opts["max_autotune_gemm_backends"] == "CPP,ATEN"
+    assert cc.inductor_options("cuda") == {"max_autotune": False}
+    with pytest.raises(ValueError, match="inductor_compile_config must be a JSON object"):
+        CompilationConfig.parse({"inductor_compile_config": ["freezing"]})
     with pytest.raises(ValueError, match="unknown compilation config keys"):
         CompilationConfig.parse({"levle": 3})
     with pytest.raises(ValueError, match="neither a level nor a JSON object"):

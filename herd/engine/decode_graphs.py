@@ -25,8 +25,21 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _mark_window_dynamic(meta: AttentionMetadata) -> None:
+    """The KV window (block-table width, power-of-two buckets) grows as sequences do: compile it
+    as a symbolic size from the start, so each batch size compiles once rather than once per
+    width and again when dynamo would turn the width dynamic by itself."""
+    for g in meta.common.groups.values():
+        torch._dynamo.maybe_mark_dynamic(g.block_tables, 1)
+    for plan in meta.per_group.values():
+        for d in getattr(plan, "decodes", ()):
+            torch._dynamo.maybe_mark_dynamic(d.phys, 1)
+            torch._dynamo.maybe_mark_dynamic(d.mask, 3)
+
+
 class DecodeGraphRunner:
-    def __init__(self, runner, sizes: list[int], mode: str, compile_backend: str = "inductor"):
+    def __init__(self, runner, sizes: list[int], mode: str, compile_backend: str = "inductor",
+                 compile_options: dict | None = None):
         self.runner, self.sizes, self.mode = runner, sorted(sizes), mode
         self.max_size = self.sizes[-1]
         self.max_blocks = -(-runner.config.model.max_model_len // runner.block_size)
@@ -35,6 +48,18 @@ class DecodeGraphRunner:
         self.disabled = False
         if mode == "compile":
             self.compiled = torch.compile(runner.model.forward, fullgraph=True, backend=compile_backend)
+            # Set around each call, not passed as torch.compile(options=...): freezing is also read
+            # before inductor's compile (which only sees the options), and without it there the
+            # weights stay graph inputs and the GEMM template does not apply.
+            self.compile_options = dict(compile_options or {})
+            import torch._dynamo.config as dynamo_config
+            import torch._inductor.config as inductor_config
+            self.inductor_config, self.dynamo_config = inductor_config, dynamo_config
+            # One graph per capture size (batch sizes static: dynamo would otherwise turn the batch
+            # dynamic at the second size); dynamo's cache is per code object, shared with every
+            # other engine of the process, hence room above its default limit of 8.
+            self.dynamo_options = {"automatic_dynamic_shapes": False,
+                                   "recompile_limit": max(dynamo_config.recompile_limit, 2 * len(self.sizes) + 8)}
         elif mode == "cuda":
             dev, R = runner.device, self.max_size
             self.buf = {"input_ids": torch.zeros(R, dtype=torch.long, device=dev),
@@ -97,7 +122,9 @@ class DecodeGraphRunner:
                               {g: t(v) for g, v in tables.items()}, {g: t(v) for g, v in slots.items()}, seq_lens, Bp)
         ids = t(ids)
         r.fill_placeholders(ids, si)  # async scheduling: last samples, on the device
-        return self.compiled(ids, t(pos), meta)[:B]
+        _mark_window_dynamic(meta)
+        with self.dynamo_config.patch(self.dynamo_options), self.inductor_config.patch(self.compile_options):
+            return self.compiled(ids, t(pos), meta)[:B]
 
     def _run_cuda(self, si, B, Bp):
         ids, pos, seq_lens, tables, slots = self._padded(si, Bp, self.max_blocks)

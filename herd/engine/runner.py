@@ -131,7 +131,7 @@ class ModelRunner:
         cc = mc.compilation_config
         if mc.enforce_eager or self.tp.size > 1 or self.quant_needs_eager():
             return None
-        sizes = cc.capture_sizes(self.config.scheduler.max_num_seqs)
+        sizes = cc.capture_sizes(self.config.scheduler.max_num_seqs, self.device.type)
         if self.device.type == "cuda":
             if cc.level == 0 or not self.attn_backend.supports_cuda_graphs:
                 return None
@@ -145,7 +145,8 @@ class ModelRunner:
         if not self.attn_backend.supports_graphs:
             raise ValueError(f"attention backend {self.attn_backend.name!r} cannot be compiled; use sdpa or "
                              "triton, or --enforce-eager")
-        return DecodeGraphRunner(self, sizes, "compile", cc.backend)
+        options = cc.inductor_options(self.device.type) if cc.backend == "inductor" else None
+        return DecodeGraphRunner(self, sizes, "compile", cc.backend, options)
 
     def quant_needs_eager(self) -> bool:
         """INC MEASURE observes activations with host-side statistics in the forward."""

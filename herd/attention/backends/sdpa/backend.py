@@ -99,8 +99,8 @@ class SdpaAttentionBackend(AttentionBackend):
                 buckets = [None]   # every row, in order
             for rows in buckets:
                 width = int(widths.max() if rows is None else widths[rows].max())
-                if for_graph:
-                    width = _next_pow2(width)
+                if for_graph:  # >= 2: a width of 1 would be compiled as a constant (0/1 specialization)
+                    width = max(2, _next_pow2(width))
                 decodes.append(self._decode_plan(common, tables, chunk, width, rows))
         prefills = []
         qsl, sls = common.query_start_loc_cpu, common.seq_lens_cpu
