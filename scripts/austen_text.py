@@ -14,7 +14,7 @@ Output (deterministic for a given package version):
   calib_text.jsonl    the same paragraphs as {"text"} rows, for `herd quantize --calib-data`
   manifest.json       paragraph / character counts and sha256 of every file
 
-Usage: python scripts/austen_text.py [--out build/austen] [--calib-rows 64]
+Usage: python scripts/austen_text.py [--out build/austen] [--calib-rows 512]
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=DATA_DIR)
     parser.add_argument("--out", default="build/austen")
     parser.add_argument("--calib-novel", default="emma", choices=NOVELS)
-    parser.add_argument("--calib-rows", type=int, default=64)
+    parser.add_argument("--calib-rows", type=int, default=512)
     args = parser.parse_args(argv)
     texts = read_lazyload_db(args.data_dir)
     missing = [n for n in NOVELS if n not in texts]

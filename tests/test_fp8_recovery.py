@@ -175,6 +175,17 @@ def test_static_sensitivity_sees_what_a_per_tensor_activation_scale_costs(tmp_pa
     assert all(s[i] < 4 * d[i] + 1e-6 for i in d if i != 4)
     assert pick_sensitive(static).keep == [4]
     assert 4 not in pick_sensitive(dyn).keep
+    # the spread of each linear's inputs: BOS's value makes layer 4's down_proj stand out; kept
+    # alone when its layer is not (a whole-layer score can dilute it), never twice
+    assert dyn.spreads == [] and pick_sensitive(dyn).keep_linears == []
+    top = max(static.spreads, key=lambda x: x.ratio)
+    assert top.module == "model.layers.4.feed_forward.down_proj" and top.hf_modules == ["model.layers.4.mlp.down_proj"]
+    assert pick_sensitive(static).keep_linears == []
+    alone = pick_sensitive(static, factor=1e9)
+    assert alone.keep == [] and [x.module for x in alone.keep_linears] == ["model.layers.4.feed_forward.down_proj"]
+    assert alone.kept_modules() == ["model.layers.4.mlp.down_proj"]
+    assert alone.kept_modules(herd_names=True) == ["model.layers.4.feed_forward.down_proj"]
+    assert "4.feed_forward.down_proj" in alone.format()
     with pytest.raises(ValueError, match="activations"):
         measure_layer_sensitivity(model, _seqs(), lambda n: True, activations="per-block")
 

@@ -64,7 +64,10 @@ class RecoveryPlan:
         if not self.sensitivity:
             return {}
         by_layer = {s.layer: s for s in self.sensitivity.scores}
-        return {m: self.sensitivity.reason(i) for i in self.sensitivity.keep for m in by_layer[i].modules}
+        out = {m: self.sensitivity.reason(i) for i in self.sensitivity.keep for m in by_layer[i].modules}
+        for sp in self.sensitivity.keep_linears:
+            out.update({m: self.sensitivity.linear_reason(sp) for m in sp.hf_modules})
+        return out
 
     def format(self) -> str:
         lines = []
@@ -72,6 +75,8 @@ class RecoveryPlan:
             lines.append(self.sensitivity.format())
             for i in self.sensitivity.keep:
                 lines.append(f"kept in bf16: {self.sensitivity.reason(i)}")
+            for sp in self.sensitivity.keep_linears:
+                lines.append(f"kept in bf16: {self.sensitivity.linear_reason(sp)}")
         if self.note:
             lines.append(self.note)
         if self.hessians is not None:
@@ -206,7 +211,7 @@ def keep_bf16_for_inc(model_path: str, prompts: list[str], quant_config: str, bf
     out = plan(model_path, is_quantized, bf16_layers, seqs, f"{len(seqs)} calibration prompts",
                strategy="channel" if per_channel else "tensor", progress=progress,
                activations=activations, input_backoff=input_backoff)
-    if out.sensitivity is not None and out.sensitivity.keep:
+    if out.sensitivity is not None and (out.sensitivity.keep or out.sensitivity.keep_linears):
         add_to_blocklist(quant_config, inc_blocklist_names(out.kept_modules(herd_names=True), out.hf_config))
     return out
 

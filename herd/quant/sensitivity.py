@@ -25,6 +25,7 @@ import torch
 from herd.quant.observers import fake_quantize_fp8, observe_weight_scale
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+SPREAD_FACTOR = 8.0   # a linear's input spread this many times the median linear's: kept in bf16
 
 
 @dataclass
@@ -36,12 +37,28 @@ class LayerScore:
 
 
 @dataclass
+class InputSpread:
+    """How far one linear's largest input (what a static per-tensor scale is set from) is above
+    its typical token's largest input: the binades a static scale takes from every other token."""
+    module: str                  # herd module name
+    hf_modules: list[str]
+    amax: float                  # over all scored tokens
+    median_token_amax: float     # median over tokens of each token's maxabs
+
+    @property
+    def ratio(self) -> float:
+        return self.amax / self.median_token_amax if self.median_token_amax > 0 else float("inf")
+
+
+@dataclass
 class Sensitivity:
     scores: list[LayerScore]
     num_tokens: int
     keep: list[int] = field(default_factory=list)      # layers chosen to stay in bf16
     factor: float = 0.0
     text: str = "calibration text"                      # what the tokens were
+    spreads: list[InputSpread] = field(default_factory=list)   # static activations only
+    keep_linears: list[InputSpread] = field(default_factory=list)  # single linears kept in bf16
 
     @property
     def median(self) -> float:
@@ -53,7 +70,16 @@ class Sensitivity:
 
     def kept_modules(self, herd_names: bool = False) -> list[str]:
         by_layer = {s.layer: s for s in self.scores}
-        return [m for i in self.keep for m in (by_layer[i].herd_modules if herd_names else by_layer[i].modules)]
+        out = [m for i in self.keep for m in (by_layer[i].herd_modules if herd_names else by_layer[i].modules)]
+        for sp in self.keep_linears:
+            out += [sp.module] if herd_names else sp.hf_modules
+        return out
+
+    def linear_reason(self, sp: InputSpread) -> str:
+        med = statistics.median(x.ratio for x in self.spreads)
+        return (f"{sp.module}: its largest input ({sp.amax:.4g}) is {sp.ratio:.0f}x its median token's "
+                f"({sp.median_token_amax:.4g}), {sp.ratio / med:.0f}x the median linear's spread: a static "
+                f"per-tensor scale would leave the other tokens' inputs with few FP8 bits")
 
     def reason(self, layer: int) -> str:
         s = next(s for s in self.scores if s.layer == layer)
@@ -75,6 +101,11 @@ class Sensitivity:
             lines.append(f"  layer {s.layer:3d}  {1000 * s.kl:8.3f}{mark}")
         if not self.keep:
             lines.append("  no layer stands out: all stay in FP8")
+        if self.spreads:
+            top = sorted(self.spreads, key=lambda x: -x.ratio)[:3]
+            lines.append("static input spread (largest input / median token's), highest: " +
+                         ", ".join(f"{x.module} {x.ratio:.0f}x" for x in top) +
+                         f"; median {statistics.median(x.ratio for x in self.spreads):.1f}x")
         return "\n".join(lines)
 
 
@@ -99,10 +130,16 @@ class _InputAmax:
 
     def __init__(self, linears):
         self.amax = {mod: torch.zeros(()) for mod in linears}
+        self.token_amax = {mod: [] for mod in linears}   # each token's maxabs
         self.hooks = []
 
     def _hook(self, mod, args):
-        self.amax[mod] = torch.maximum(self.amax[mod], args[0].detach().abs().amax().float().cpu())
+        rows = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=-1).float().cpu()
+        self.token_amax[mod].append(rows)
+        self.amax[mod] = torch.maximum(self.amax[mod], rows.max())
+
+    def median_token_amax(self, mod) -> float:
+        return float(torch.cat(self.token_amax[mod]).median()) if self.token_amax[mod] else 0.0
 
     def __enter__(self):
         self.hooks = [mod.register_forward_pre_hook(self._hook) for mod in self.amax]
@@ -205,11 +242,15 @@ def measure_layer_sensitivity(
                 entry[1].append(mod)
                 entry[2].extend(hf)
                 entry[3].append(name)
-    input_scales = None
+    input_scales, spreads = None, []
     if activations == "static":
         with _InputAmax([m for entry in per_layer.values() for m in entry[0]]) as seen:
             reference = _logprobs(model, seqs)
         input_scales = {m: (a / (448.0 * input_backoff)).clamp(min=1e-12) for m, a in seen.amax.items()}
+        names = {mod: name for name, mod in model.named_modules()}
+        for mod, a in seen.amax.items():
+            hf = herd_to_hf_modules(names[mod], hf_prefix, ffn=ffn)
+            spreads.append(InputSpread(names[mod], hf, float(a), seen.median_token_amax(mod)))
     else:
         reference = _logprobs(model, seqs)
     num_tokens = sum(r.shape[0] for r in reference)
@@ -220,18 +261,29 @@ def measure_layer_sensitivity(
             quant = _logprobs(model, seqs)
         kl = sum(float((r.exp() * (r - q)).sum()) for r, q in zip(reference, quant)) / num_tokens
         scores.append(LayerScore(layer, max(kl, 0.0), modules, herd_modules))
-    return Sensitivity(scores, num_tokens)
+    return Sensitivity(scores, num_tokens, spreads=spreads)
 
 
-def pick_sensitive(sens: Sensitivity, factor: float = 3.0, max_layers: int | None = None) -> Sensitivity:
+def pick_sensitive(sens: Sensitivity, factor: float = 3.0, max_layers: int | None = None,
+                   spread_factor: float = SPREAD_FACTOR) -> Sensitivity:
     """Keep in bf16 the layers scoring above `factor` x the median layer, at most `max_layers`
-    (default: a tenth of the scored layers, rounded down), highest first."""
+    (default: a tenth of the scored layers, rounded down), highest first. With static activations,
+    also every single linear outside those layers whose input spread is above `spread_factor` x
+    the median linear's: one rare huge input (SmolLM2's BOS token gives layer 11's down_proj 3,072
+    against 10.6 for every other token) costs that linear 3-4x the static-scale error of the rest,
+    which a whole-layer score dilutes among the layer's other linears."""
     if max_layers is None:
         max_layers = len(sens.scores) // 10
     med = sens.median
     ranked = sorted(sens.scores, key=lambda s: -s.kl)
     sens.keep = [s.layer for s in ranked if med > 0 and s.kl > factor * med][:max_layers]
     sens.factor = factor
+    sens.keep_linears = []
+    if sens.spreads:
+        med_spread = statistics.median(x.ratio for x in sens.spreads)
+        sens.keep_linears = [x for x in sorted(sens.spreads, key=lambda x: -x.ratio)
+                             if x.ratio > spread_factor * med_spread and layer_of(x.module) not in sens.keep
+                             ][:max(1, max_layers)]
     return sens
 
 
