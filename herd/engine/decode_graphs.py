@@ -32,9 +32,7 @@ def _mark_window_dynamic(meta: AttentionMetadata) -> None:
     for g in meta.common.groups.values():
         torch._dynamo.maybe_mark_dynamic(g.block_tables, 1)
     for plan in meta.per_group.values():
-        for d in getattr(plan, "decodes", ()):
-            torch._dynamo.maybe_mark_dynamic(d.phys, 1)
-            torch._dynamo.maybe_mark_dynamic(d.mask, 3)
+        meta.impl.mark_window_dynamic(plan)
 
 
 class DecodeGraphRunner:

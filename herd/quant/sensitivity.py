@@ -65,6 +65,10 @@ class Sensitivity:
         return statistics.median(s.kl for s in self.scores) if self.scores else 0.0
 
     @property
+    def median_spread(self) -> float:
+        return statistics.median(x.ratio for x in self.spreads) if self.spreads else 0.0
+
+    @property
     def total(self) -> float:
         return sum(s.kl for s in self.scores)
 
@@ -76,10 +80,9 @@ class Sensitivity:
         return out
 
     def linear_reason(self, sp: InputSpread) -> str:
-        med = statistics.median(x.ratio for x in self.spreads)
         return (f"{sp.module}: its largest input ({sp.amax:.4g}) is {sp.ratio:.0f}x its median token's "
-                f"({sp.median_token_amax:.4g}), {sp.ratio / med:.0f}x the median linear's spread: a static "
-                f"per-tensor scale would leave the other tokens' inputs with few FP8 bits")
+                f"({sp.median_token_amax:.4g}), {sp.ratio / self.median_spread:.0f}x the median linear's "
+                f"spread: a static per-tensor scale would leave the other tokens' inputs with few FP8 bits")
 
     def reason(self, layer: int) -> str:
         s = next(s for s in self.scores if s.layer == layer)
@@ -105,7 +108,7 @@ class Sensitivity:
             top = sorted(self.spreads, key=lambda x: -x.ratio)[:3]
             lines.append("static input spread (largest input / median token's), highest: " +
                          ", ".join(f"{x.module} {x.ratio:.0f}x" for x in top) +
-                         f"; median {statistics.median(x.ratio for x in self.spreads):.1f}x")
+                         f"; median {self.median_spread:.1f}x")
         return "\n".join(lines)
 
 
@@ -129,20 +132,20 @@ class _InputAmax:
     (what INC's MEASURE step writes for the node)."""
 
     def __init__(self, linears):
-        self.amax = {mod: torch.zeros(()) for mod in linears}
-        self.token_amax = {mod: [] for mod in linears}   # each token's maxabs
+        self.token_amax = {mod: [] for mod in linears}   # each token's maxabs, per pass
         self.hooks = []
 
     def _hook(self, mod, args):
-        rows = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=-1).float().cpu()
-        self.token_amax[mod].append(rows)
-        self.amax[mod] = torch.maximum(self.amax[mod], rows.max())
+        self.token_amax[mod].append(args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=-1).float().cpu())
+
+    def amax(self, mod) -> torch.Tensor:
+        return torch.cat(self.token_amax[mod]).max() if self.token_amax[mod] else torch.zeros(())
 
     def median_token_amax(self, mod) -> float:
         return float(torch.cat(self.token_amax[mod]).median()) if self.token_amax[mod] else 0.0
 
     def __enter__(self):
-        self.hooks = [mod.register_forward_pre_hook(self._hook) for mod in self.amax]
+        self.hooks = [mod.register_forward_pre_hook(self._hook) for mod in self.token_amax]
         return self
 
     def __exit__(self, *exc):
@@ -246,9 +249,10 @@ def measure_layer_sensitivity(
     if activations == "static":
         with _InputAmax([m for entry in per_layer.values() for m in entry[0]]) as seen:
             reference = _logprobs(model, seqs)
-        input_scales = {m: (a / (448.0 * input_backoff)).clamp(min=1e-12) for m, a in seen.amax.items()}
+        amax = {m: seen.amax(m) for m in seen.token_amax}
+        input_scales = {m: (a / (448.0 * input_backoff)).clamp(min=1e-12) for m, a in amax.items()}
         names = {mod: name for name, mod in model.named_modules()}
-        for mod, a in seen.amax.items():
+        for mod, a in amax.items():
             hf = herd_to_hf_modules(names[mod], hf_prefix, ffn=ffn)
             spreads.append(InputSpread(names[mod], hf, float(a), seen.median_token_amax(mod)))
     else:
@@ -280,9 +284,8 @@ def pick_sensitive(sens: Sensitivity, factor: float = 3.0, max_layers: int | Non
     sens.factor = factor
     sens.keep_linears = []
     if sens.spreads:
-        med_spread = statistics.median(x.ratio for x in sens.spreads)
         sens.keep_linears = [x for x in sorted(sens.spreads, key=lambda x: -x.ratio)
-                             if x.ratio > spread_factor * med_spread and layer_of(x.module) not in sens.keep
+                             if x.ratio > spread_factor * sens.median_spread and layer_of(x.module) not in sens.keep
                              ][:max(1, max_layers)]
     return sens
 

@@ -22,6 +22,11 @@ class AttentionBackend:
         stay fixed for the bucket."""
         raise NotImplementedError
 
+    def mark_window_dynamic(self, plan) -> None:
+        """Compiled decode: mark (torch._dynamo.maybe_mark_dynamic) the dims of one group's plan
+        that grow with the KV window, so a batch size compiles once however long its sequences
+        get. Nothing by default (a plan whose shapes depend on the batch size alone)."""
+
     def forward(self, layer, q, k, v, positions, meta: AttentionMetadata):
         """layer: the model's Attention op (layer_idx, group, chunk, scale, head counts).
         q [T, H, d], k/v [T, Hkv, d] -> [T, H, d]."""

@@ -118,6 +118,11 @@ class SdpaAttentionBackend(AttentionBackend):
                                         attention_mask(q_pos, k_pos, chunk)))
         return GroupPlan(decodes, prefills)
 
+    def mark_window_dynamic(self, plan: GroupPlan) -> None:
+        for d in plan.decodes:   # widths of at least 2 (build's for_graph), so not 0/1-specialized
+            torch._dynamo.maybe_mark_dynamic(d.phys, 1)
+            torch._dynamo.maybe_mark_dynamic(d.mask, 3)
+
     @staticmethod
     def _decode_plan(common, tables, chunk, width, rows) -> DecodePlan:
         bs, nd = common.block_size, common.num_decodes
