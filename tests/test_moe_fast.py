@@ -340,7 +340,7 @@ def test_inc_measure_expert_amax_fast_equals_reference(ep_rank, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_k_major_cpu_layout_matches_reference(dtype, no_reference):
-    """load_model stores CPU expert weights K-major (relayout_experts_for_cpu): same values, other
+    """load_model stores CPU expert weights K-major (relayout_for_cpu): same values, other
     strides; the grouped path takes them as they are."""
     x, w13, w2, ids, wts = make_inputs(21, 64, 32, 6, 1, dtype, seed=3)
     k13, k2 = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (w13, w2))

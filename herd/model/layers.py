@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.ops.cpu import cpu_linear_supported
 from herd.parallel.context import SINGLE, TPContext
 
 
@@ -101,6 +102,8 @@ class UnquantizedLinearMethod:
         pass
 
     def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
+        if cpu_linear_supported(x, layer.weight):  # decode-sized batch, K-major fp32 weight on CPU
+            return torch.ops.herd.cpu_linear(x, layer.weight)
         return F.linear(x, layer.weight)
 
 

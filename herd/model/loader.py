@@ -234,19 +234,30 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
         quant.post_load(model)
     model = model.to(device).eval()
     if torch.device(device).type == "cpu":
-        relayout_experts_for_cpu(model)
+        relayout_for_cpu(model)
     return model
 
 
-def relayout_experts_for_cpu(model: torch.nn.Module):
-    """Unquantized expert weights [E, N, K] stored K-major (the same logical tensor, strides
-    (N*K, 1, N)): the CPU grouped GEMM then reads each expert's [K, N] block contiguously, which
-    it runs faster at decode batch sizes than the row-major layout's transposed view."""
+def _k_major(p: torch.nn.Parameter):
+    """The same logical [..., N, K] tensor stored K-major (last two strides (1, N))."""
+    p.data = p.data.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
+def relayout_for_cpu(model: torch.nn.Module):
+    """Unquantized expert weights [E, N, K], and fp32 dense linear weights [N, K], stored K-major:
+    herd's CPU kernels (herd/ops/cpu) stream each weight's [K, N] block in long contiguous runs
+    at decode batch sizes, and torch's grouped GEMM also runs the experts faster that way than
+    through the row-major layout's transposed view. Embeddings keep their rows contiguous (the
+    lm_head is its own tensor even when tied)."""
+    from herd.model.layers import LinearBase, ParallelLMHead, UnquantizedLinearMethod
     from herd.model.llama4 import FusedMoE
     for module in model.modules():
-        if not isinstance(module, FusedMoE):
-            continue
-        for name in ("w13_weight", "w2_weight"):
-            p = getattr(module, name)
-            if p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.dim() == 3 and p.stride(-1) == 1:
-                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+        if isinstance(module, FusedMoE):
+            for name in ("w13_weight", "w2_weight"):
+                p = getattr(module, name)
+                if p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.dim() == 3 and p.stride(-1) == 1:
+                    _k_major(p)
+        elif isinstance(module, (LinearBase, ParallelLMHead)) and type(module.quant_method) is UnquantizedLinearMethod:
+            p = module.weight
+            if p.dtype == torch.float32 and p.dim() == 2 and p.stride(-1) == 1:
+                _k_major(p)

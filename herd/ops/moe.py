@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from herd.ops.cpu import cpu_grouped_gemm_supported
+
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
@@ -130,22 +132,35 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, hidden: int, 
 
 
 def grouped_moe_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """grouped_mm_supported for these activations, and [E, N, K] weights whose transpose is a
+    """herd's CPU kernel takes both weights (fp32, K-major: eager and compiled alike), or
+    grouped_mm_supported for these activations with [E, N, K] weights whose transpose is a
     column-major view the kernel takes as it is (no weight copy per call)."""
+    if all(cpu_grouped_gemm_supported(x.dtype, w) for w in (w13, w2)):
+        return True
     return (grouped_mm_supported(x.dtype, x.device, x.shape[-1], w2.shape[-1])
             and all(w.dim() == 3 and w.dtype == x.dtype and _weight_layout_ok(w) for w in (w13, w2)))
 
 
 def _weight_layout_ok(w: torch.Tensor) -> bool:
     """Row-major [E, N, K] (its transpose is the column-major view CUDA kernels want) or K-major
-    (relayout_experts_for_cpu: the transpose is contiguous), row strides 16-byte aligned."""
+    (relayout_for_cpu: the transpose is contiguous), row strides 16-byte aligned."""
     if w.stride(-1) == 1:
         return _aligned(w.stride(-2), w.dtype)
     return w.stride(-2) == 1 and _aligned(w.stride(-1), w.dtype)
 
 
+# Above this many rows per expert on average (prefill) torch's blocked GEMM reuses each weight
+# tile better than the kernel's streaming panels; decode batches stay far below it.
+CPU_KERNEL_MAX_ROWS_PER_EXPERT = 16
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a [M, K] sorted by expert, w [E, N, K] -> [M, N]; rows past offs[-1] are uninitialized."""
+    """a [M, K] sorted by expert, w [E, N, K] -> [M, N]; rows past offs[-1] are uninitialized.
+    On the CPU herd's kernel where it takes the weights (it streams them 2-4x faster than
+    torch's CPU grouped GEMM at decode batch sizes; docs/benchmarks.md), else torch._grouped_mm."""
+    if cpu_grouped_gemm_supported(a.dtype, w) and (
+            a.shape[0] <= CPU_KERNEL_MAX_ROWS_PER_EXPERT * w.shape[0] or torch.compiler.is_compiling()):
+        return torch.ops.herd.cpu_grouped_gemm(a, w, offs)
     return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
 
 

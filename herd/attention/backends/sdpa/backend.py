@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from herd.attention.backends.abstract import AttentionBackend
 from herd.ops.attention import FP8_KV_DTYPES, attention_mask
+from herd.ops.cpu import cpu_paged_decode_supported
 
 
 @dataclass
@@ -173,6 +174,8 @@ class SdpaAttentionBackend(AttentionBackend):
 
     @staticmethod
     def _decode(layer, q, k_cache, v_cache, k_scale, v_scale, d: DecodePlan, gqa: bool):
+        if cpu_paged_decode_supported(q, k_cache):  # reads the window in place, no gathered copy
+            return torch.ops.herd.cpu_paged_decode(q, k_cache, v_cache, d.phys, d.mask, layer.scale)
         kb = _dequant(k_cache[d.phys], q.dtype, k_scale).flatten(1, 2)   # [b, W*bs, Hkv, hd]
         vb = _dequant(v_cache[d.phys], q.dtype, v_scale).flatten(1, 2)
         return F.scaled_dot_product_attention(q[:, :, None, :], kb.transpose(1, 2), vb.transpose(1, 2),

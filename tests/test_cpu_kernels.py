@@ -1,0 +1,211 @@
+"""herd's C kernels for the CPU (herd/ops/cpu) against their torch references: torch._grouped_mm
+for the grouped expert GEMM, F.linear for the dense one, on shapes that reach every code path
+(one or many rows per expert: streaming panels and register tiles; K not a multiple of the
+8-row step; panel widths that do not divide N; idle experts; rows past offs[-1])."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import herd.ops.moe as moe
+from herd.ops.cpu import (CPU_LINEAR_MAX_ROWS, cpu_grouped_gemm_supported, cpu_linear_supported,
+                          kernels_available)
+from herd.ops.cpu.build import load_library
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def grouped_ref(a, w, offs):
+    """torch._grouped_mm's contract as a loop (torch's kernel needs 16-byte row strides)."""
+    out = torch.zeros(a.shape[0], w.shape[1])
+    lo = 0
+    for e, hi in enumerate(offs.tolist()):
+        out[lo:hi] = F.linear(a[lo:hi], w[e])
+        lo = hi
+    return out
+
+
+def k_major(w: torch.Tensor) -> torch.Tensor:
+    return w.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
+def test_kernels_build_here():
+    """The machines herd runs its CPU path on have a C compiler (torch.compile needs one too)."""
+    assert load_library() is not None and kernels_available()
+
+
+def grouped_inputs(M, E, N, K, seed, idle=(), tail=0):
+    g = torch.Generator().manual_seed(seed)
+    experts = [e for e in range(E) if e not in idle]
+    ids = torch.tensor(experts)[torch.randint(0, len(experts), (M - tail,), generator=g)]
+    counts = torch.bincount(ids, minlength=E)
+    offs = counts.cumsum(0).to(torch.int32)
+    a = torch.randn(M, K, generator=g)
+    w = k_major(torch.randn(E, N, K, generator=g) * K ** -0.5)
+    return a, w, offs
+
+
+@pytest.mark.parametrize("M,E,N,K", [
+    (1, 1, 16, 8), (3, 4, 64, 7), (16, 16, 2048, 64), (40, 3, 80, 100), (64, 2, 576, 24),
+    (130, 5, 1040, 33), (7, 8, 512, 512)])
+def test_grouped_gemm_matches_torch(M, E, N, K):
+    a, w, offs = grouped_inputs(M, E, N, K, seed=M + N)
+    assert cpu_grouped_gemm_supported(a.dtype, w)
+    out = torch.ops.herd.cpu_grouped_gemm(a, w, offs)
+    torch.testing.assert_close(out, grouped_ref(a, w, offs), **TOL)
+    if K % 4 == 0:
+        torch.testing.assert_close(out, torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), **TOL)
+
+
+def test_grouped_gemm_idle_experts_and_rows_past_the_end():
+    """Experts with no rows are skipped; rows past offs[-1] (pairs of other EP ranks) are not
+    computed, and the ones before them are right."""
+    a, w, offs = grouped_inputs(29, 6, 96, 40, seed=7, idle=(0, 3, 5), tail=4)
+    assert int(offs[-1]) == 25
+    out = torch.ops.herd.cpu_grouped_gemm(a, w, offs)
+    ref = torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+    torch.testing.assert_close(out[:25], ref[:25], **TOL)
+
+
+def test_grouped_gemm_takes_strided_rows():
+    a, w, offs = grouped_inputs(9, 3, 32, 24, seed=2)
+    wide = torch.randn(9, 40)
+    wide[:, 5:29] = a
+    out = torch.ops.herd.cpu_grouped_gemm(wide[:, 5:29], w, offs)
+    torch.testing.assert_close(out, torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), **TOL)
+
+
+def test_supported_only_for_what_the_kernel_reads():
+    w = k_major(torch.randn(2, 32, 16))
+    assert cpu_grouped_gemm_supported(torch.float32, w)
+    assert not cpu_grouped_gemm_supported(torch.float32, w.contiguous())      # row-major
+    assert not cpu_grouped_gemm_supported(torch.bfloat16, w.bfloat16())        # fp32 only
+    assert not cpu_grouped_gemm_supported(torch.float32, k_major(torch.randn(2, 24, 16)))  # N % 16
+    x = torch.randn(CPU_LINEAR_MAX_ROWS, 16)
+    assert cpu_linear_supported(x, w[0]) and not cpu_linear_supported(torch.randn(CPU_LINEAR_MAX_ROWS + 1, 16), w[0])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 13, CPU_LINEAR_MAX_ROWS])
+@pytest.mark.parametrize("N,K", [(576, 576), (48, 1536), (4096, 64)])
+def test_linear_matches_f_linear(rows, N, K):
+    g = torch.Generator().manual_seed(rows * N)
+    x = torch.randn(rows, K, generator=g)
+    w = k_major(torch.randn(N, K, generator=g) * K ** -0.5)
+    torch.testing.assert_close(torch.ops.herd.cpu_linear(x, w), F.linear(x, w), **TOL)
+
+
+def test_linear_keeps_leading_dims():
+    x = torch.randn(2, 3, 32)
+    w = k_major(torch.randn(64, 32))
+    out = torch.ops.herd.cpu_linear(x, w)
+    assert out.shape == (2, 3, 64)
+    torch.testing.assert_close(out, F.linear(x, w), **TOL)
+
+
+def test_ops_compile_fullgraph():
+    """Custom ops with fake kernels: a compiled graph calls them, no graph break."""
+    a, w, offs = grouped_inputs(12, 4, 64, 32, seed=5)
+    lin = k_major(torch.randn(48, 64))
+
+    def f(a, offs):
+        return torch.ops.herd.cpu_linear(torch.ops.herd.cpu_grouped_gemm(a, w, offs).relu(), lin)
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(a, offs)
+    torch.testing.assert_close(out, F.linear(torch._grouped_mm(a, w.transpose(-2, -1), offs=offs).relu(), lin), **TOL)
+
+
+def test_fused_moe_uses_the_kernel_and_matches_the_reference(monkeypatch):
+    """fp32 K-major experts go through herd's kernel (eager and compiled), equal to the loop."""
+    g = torch.Generator().manual_seed(11)
+    T, D, I, E = 17, 64, 48, 6
+    x = torch.randn(T, D, generator=g)
+    w13 = torch.randn(E, 2 * I, D, generator=g) * D ** -0.5
+    w2 = torch.randn(E, D, I, generator=g) * I ** -0.5
+    ids = torch.randint(0, E, (T, 2), generator=g)
+    wts = torch.rand(T, 2, generator=g)
+    ref = moe.fused_moe_ref(x, w13, w2, ids, wts)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    k13, k2 = k_major(w13), k_major(w2)
+    torch.testing.assert_close(moe.fused_moe(x, k13, k2, ids, wts), ref, **TOL)
+    torch._dynamo.reset()
+    compiled = torch.compile(moe.fused_moe, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, k13, k2, ids, wts), ref, **TOL)
+    assert calls == []   # torch's grouped GEMM never ran
+
+
+def paged_ref(q, k_cache, v_cache, phys, mask, scale):
+    """The sdpa backend's decode: gather each window, one masked SDPA."""
+    kb = k_cache[phys].flatten(1, 2).transpose(1, 2)
+    vb = v_cache[phys].flatten(1, 2).transpose(1, 2)
+    return F.scaled_dot_product_attention(q[:, :, None, :], kb, vb, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k_cache.shape[2])[:, :, 0, :]
+
+
+@pytest.mark.parametrize("B,H,Hkv,D,bs,W", [(1, 4, 4, 16, 16, 1), (5, 8, 2, 64, 16, 3), (3, 6, 2, 32, 128, 2),
+                                            (7, 5, 1, 128, 4, 9)])
+def test_paged_decode_matches_sdpa(B, H, Hkv, D, bs, W):
+    """Windows start inside a block (chunked-local layers) and end at each sequence's own length;
+    padded blocks point at block 0 and are masked; blocks are scattered in the cache."""
+    from herd.ops.cpu import cpu_paged_decode_supported
+    g = torch.Generator().manual_seed(B * 100 + D)
+    nb = B * W + 3
+    k_cache, v_cache = torch.randn(2, nb, bs, Hkv, D, generator=g).unbind(0)
+    q = torch.randn(B, H, D, generator=g)
+    phys = torch.randperm(nb, generator=g)[:B * W].view(B, W)
+    L = W * bs
+    lens = torch.randint(1, L + 1, (B,), generator=g)
+    starts = torch.stack([torch.randint(0, int(n), (1,), generator=g)[0] for n in lens])
+    pos = torch.arange(L)[None, :]
+    mask = (pos < lens[:, None]) & (pos >= starts[:, None])
+    used = (lens + bs - 1) // bs
+    phys = torch.where(torch.arange(W)[None, :] < used[:, None], phys, 0)   # padding -> block 0
+    mask = mask[:, None, None, :]
+    assert cpu_paged_decode_supported(q, k_cache)
+    out = torch.ops.herd.cpu_paged_decode(q, k_cache, v_cache, phys, mask, D ** -0.5)
+    torch.testing.assert_close(out, paged_ref(q, k_cache, v_cache, phys, mask, D ** -0.5), **TOL)
+
+
+def test_paged_decode_compiles_with_a_dynamic_window():
+    g = torch.Generator().manual_seed(3)
+    k_cache, v_cache = torch.randn(2, 12, 16, 2, 32, generator=g).unbind(0)
+    q = torch.randn(4, 4, 32, generator=g)
+    fn = torch.compile(lambda q, p, m: torch.ops.herd.cpu_paged_decode(q, k_cache, v_cache, p, m, 0.2),
+                       fullgraph=True, backend="aot_eager", dynamic=True)
+    torch._dynamo.reset()
+    for W in (2, 3):
+        phys = torch.randint(0, 12, (4, W), generator=g)
+        mask = torch.ones(4, 1, 1, W * 16, dtype=torch.bool)
+        mask[:, ..., :5] = False
+        torch.testing.assert_close(fn(q, phys, mask), paged_ref(q, k_cache, v_cache, phys, mask, 0.2), **TOL)
+
+
+def test_loaded_model_runs_on_the_kernels_and_matches_torch(scout_dir, monkeypatch):
+    """load_model on the CPU stores fp32 linear and expert weights K-major (embeddings keep their
+    rows); a forward of decode-sized rows then runs the kernels, and equals the forward with the
+    kernels switched off (F.linear and torch's grouped GEMM on the same weights)."""
+    import herd.ops.cpu as cpu
+    from herd.model.layers import LinearBase, ParallelLMHead, VocabParallelEmbedding
+    from herd.model.loader import load_model
+
+    model = load_model(scout_dir, dtype=torch.float32)
+    linears = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
+    assert linears and all(m.weight.stride(0) == 1 for m in linears)
+    embeds = [m for m in model.modules() if type(m) is VocabParallelEmbedding]
+    assert embeds and all(m.weight.is_contiguous() for m in embeds)
+
+    import herd.model.layers as layers
+    ids = torch.randint(3, 320, (24,), generator=torch.Generator().manual_seed(0))
+    calls = []
+    monkeypatch.setattr(layers, "cpu_linear_supported",
+                        lambda x, w, f=cpu.cpu_linear_supported: calls.append((f(x, w), w.shape[0] % 16 == 0)) or calls[-1][0])
+    with torch.no_grad():
+        fast = model.compute_logits(model(ids, torch.arange(24)))
+    assert any(used for used, _ in calls) and all(used == aligned for used, aligned in calls)  # all but N % 16 != 0
+    monkeypatch.setattr(cpu, "kernels_available", lambda: False)
+    calls.clear()
+    with torch.no_grad():
+        ref = model.compute_logits(model(ids, torch.arange(24)))
+    assert calls and not any(used for used, _ in calls)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
