@@ -209,3 +209,25 @@ def test_loaded_model_runs_on_the_kernels_and_matches_torch(scout_dir, monkeypat
         ref = model.compute_logits(model(ids, torch.arange(24)))
     assert calls and not any(used for used, _ in calls)
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_without_a_working_compiler_torch_paths_run(monkeypatch, tmp_path, caplog):
+    """A compiler that fails (or none at all): one warning, the kernels report unsupported, and
+    the MoE runs on torch's grouped GEMM, equal to its reference."""
+    import herd.ops.cpu.build as build
+    monkeypatch.setenv("HERD_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setattr(build.shutil, "which", lambda cc: "/bin/false" if cc == "false" else None)
+    build.load_library.cache_clear()
+    try:
+        assert build.load_library() is None
+        assert "herd CPU kernels unavailable" in caplog.text
+        w13, w2 = k_major(torch.randn(3, 64, 32)), k_major(torch.randn(3, 32, 32))
+        assert not cpu_grouped_gemm_supported(torch.float32, w13)
+        x, ids, wts = torch.randn(5, 32), torch.randint(0, 3, (5, 1)), torch.rand(5, 1)
+        torch.testing.assert_close(moe.fused_moe(x, w13, w2, ids, wts), moe.fused_moe_ref(x, w13, w2, ids, wts), **TOL)
+        monkeypatch.setattr(build, "_compiler", lambda: None)
+        build.load_library.cache_clear()
+        assert build.load_library() is None
+    finally:
+        build.load_library.cache_clear()

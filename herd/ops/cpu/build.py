@@ -54,34 +54,35 @@ def _build(cc: str, out: Path) -> None:
         os.replace(so, out)  # atomic: other processes building the same key see one whole file
 
 
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+SIGNATURES = {  # C entry point -> argument types (each returns int: 0, or -1 on a shape it refuses)
+    "herd_grouped_gemm_f32": [_PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
+    "herd_linear_f32": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
+    "herd_paged_decode_f32": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64,
+                              _I64, _I64, _I64, ctypes.c_float, _INT],
+}
+
+
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built here (no compiler, not Linux/x86
-    or ARM with a GCC-compatible compiler, a failed build: logged once)."""
+    """The compiled kernels, or None where they cannot be built here (no C compiler, not Linux, a
+    failed build: logged once per process)."""
     cc = _compiler()
     if cc is None or platform.system() != "Linux":
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), " ".join(FLAGS), version, platform.machine(),
-                                        _cpu_flags()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), " ".join(FLAGS), version,
+                                        platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
         path = Path(kernel_cache_dir()) / f"herd_cpu_{key}.so"
         if not path.exists():
             _build(cc, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        logger.warning("herd CPU kernels unavailable (%s); using torch kernels", detail.strip().splitlines()[-1:] or e)
+        lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+        logger.warning("herd CPU kernels unavailable (%s); using torch kernels", lines[-1] if lines else type(e).__name__)
         return None
-    fn = lib.herd_grouped_gemm_f32
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    fn = lib.herd_linear_f32
-    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    fn = lib.herd_paged_decode_f32
-    fn.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64,
-                   ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib
