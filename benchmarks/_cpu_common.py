@@ -15,6 +15,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 DEFAULT_THREADS = 2
+# benchmark model names -> (checkpoint, dtype): "moe" is build_moe_checkpoint.py's, "smollm2" the GGUF's
+MODELS = {"moe-fp32": ("moe", "float32"), "moe-bf16": ("moe", "bfloat16"),
+          "smollm2-fp32": ("smollm2", "float32"), "smollm2-bf16": ("smollm2", "bfloat16")}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -50,8 +50,6 @@ import _cpu_common as C  # noqa: E402
 
 C.preset_threads()
 
-MODELS = {"moe-fp32": ("moe", "float32"), "moe-bf16": ("moe", "bfloat16"),
-          "smollm2-fp32": ("smollm2", "float32"), "smollm2-bf16": ("smollm2", "bfloat16")}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
@@ -67,13 +65,13 @@ def parse_args(argv=None):
     g.add_argument("--input-len", type=int, default=64)
     g.add_argument("--output-len", type=int, default=128)
     g.add_argument("--models", nargs="+", default=["moe-fp32", "smollm2-fp32", "smollm2-bf16"],
-                   choices=list(MODELS))
+                   choices=list(C.MODELS))
     g.add_argument("--moe-model", default=None, help="MoE checkpoint folder (default build/bench-moe, "
                                                      "built on first use)")
     g.add_argument("--repeats", type=int, default=2, help="measurements per engine, alternating; best kept")
     g.add_argument("--skip-fixed", action="store_true", help="skip parts 1 and 2")
     g.add_argument("--skip-mixed", action="store_true", help="skip part 3")
-    g.add_argument("--mixed-models", nargs="+", default=["moe-fp32"], choices=list(MODELS))
+    g.add_argument("--mixed-models", nargs="+", default=["moe-fp32"], choices=list(C.MODELS))
     g.add_argument("--mixed-requests", type=int, default=256)
     g.add_argument("--mixed-prompt-median", type=int, default=96)
     g.add_argument("--mixed-output-median", type=int, default=64)
@@ -128,7 +126,7 @@ class Bench:
 
 def fixed_batches(b: Bench, name: str) -> list[dict]:
     a = b.args
-    model, dtype = MODELS[name]
+    model, dtype = C.MODELS[name]
     path = b.path(model)
     C.status(f"{name}: loading transformers model ({dtype})")
     hf, tok = C.load_hf(path, dtype)
@@ -179,7 +177,7 @@ def roofline(b: Bench, fixed: list[dict], bw: dict) -> list[dict]:
     for r in fixed:
         if r["batch_size"] != 1:
             continue
-        model, dtype = MODELS[r["model"]]
+        model, dtype = C.MODELS[r["model"]]
         wb = C.weight_bytes_per_token(b.path(model), DTYPE_BYTES[dtype])
         ctx = r["input_len"] + r["output_len"] // 2
         limit = bw["read_gbps"] * 1e9 / wb["bytes_per_token"]
@@ -203,7 +201,7 @@ def mixed_workload(b: Bench, name: str) -> dict:
     import random
 
     a = b.args
-    model, dtype = MODELS[name]
+    model, dtype = C.MODELS[name]
     rng = random.Random(a.bench_seed + 7)
     p_lens = mixed_lengths(a.mixed_requests, a.mixed_prompt_median, a.mixed_sigma, 4, a.mixed_max_prompt, rng)
     o_lens = mixed_lengths(a.mixed_requests, a.mixed_output_median, a.mixed_sigma, 2, a.mixed_max_output, rng)

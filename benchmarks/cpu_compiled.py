@@ -26,9 +26,6 @@ import _cpu_common as C  # noqa: E402
 
 C.preset_threads()
 
-MODELS = {"moe-fp32": ("moe", "float32"), "moe-bf16": ("moe", "bfloat16"),
-          "smollm2-fp32": ("smollm2", "float32"), "smollm2-bf16": ("smollm2", "bfloat16")}
-
 
 def generate(llm, prompts, n):
     from herd import SamplingParams
@@ -42,7 +39,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--models", nargs="+", default=["smollm2-fp32", "smollm2-bf16", "moe-fp32"],
-                    choices=list(MODELS))
+                    choices=list(C.MODELS))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
@@ -54,7 +51,7 @@ def main(argv=None) -> int:
     rows, table, ok = [], [], True
     max_len = a.input_len + a.output_len + 8
     for name in a.models:
-        model, dtype = MODELS[name]
+        model, dtype = C.MODELS[name]
         path = C.moe_folder(a.moe_model) if model == "moe" else C.smollm2_folder()
         pool = C.prompt_token_pool(path)
         for bs in a.batch_sizes:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _cpu_common import apply_threads, markdown_table, preset_threads, status, write_json  # noqa: E402
@@ -29,19 +28,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from herd.ops.cpu import kernels_available  # noqa: E402
-from membw import measure_bandwidth  # noqa: E402
+from membw import best_time, measure_bandwidth  # noqa: E402
 
 COPY_BYTES = 96 << 20  # per shape, cycled: three times the L3
 
 
 def best_ms(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    return best_time(fn, repeats) * 1e3
 
 
 def k_major(w):

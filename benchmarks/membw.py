@@ -28,7 +28,8 @@ from _cpu_common import apply_threads, preset_threads, status, write_json  # noq
 preset_threads()
 
 
-def _best(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
+    """Seconds: the best of `repeats` timed calls after one warm-up call."""
     fn()  # warm-up: page faults, thread pool start
     best = float("inf")
     for _ in range(repeats):
@@ -51,21 +52,21 @@ def measure_bandwidth(threads: int = 2, mib: int = 1024, repeats: int = 5, bf16:
     a = torch.ones(n, dtype=torch.float32)
     nbytes = a.numel() * 4
     out = {"threads": threads, "buffer_mib": nbytes >> 20, "repeats": repeats}
-    out["sum_gbps"] = nbytes / _best(lambda: a.sum(), repeats) / 1e9
-    out["amax_gbps"] = nbytes / _best(lambda: a.amax(), repeats) / 1e9
+    out["sum_gbps"] = nbytes / best_time(lambda: a.sum(), repeats) / 1e9
+    out["amax_gbps"] = nbytes / best_time(lambda: a.amax(), repeats) / 1e9
     w = a.view(-1, K)
     x = torch.ones(1, K)
-    out["gemv_gbps"] = nbytes / _best(lambda: F.linear(x, w), repeats) / 1e9
+    out["gemv_gbps"] = nbytes / best_time(lambda: F.linear(x, w), repeats) / 1e9
     b = torch.empty_like(a)
-    out["copy_gbps"] = 2 * nbytes / _best(lambda: b.copy_(a), repeats) / 1e9
+    out["copy_gbps"] = 2 * nbytes / best_time(lambda: b.copy_(a), repeats) / 1e9
     del b
     an = a.numpy()
-    out["numpy_sum_gbps"] = nbytes / _best(lambda: np.add.reduce(an), repeats) / 1e9
+    out["numpy_sum_gbps"] = nbytes / best_time(lambda: np.add.reduce(an), repeats) / 1e9
     if bf16:
         wb = w.to(torch.bfloat16)
         del w, a, an
         xb = x.to(torch.bfloat16)
-        out["gemv_bf16_gbps"] = wb.numel() * 2 / _best(lambda: F.linear(xb, wb), repeats) / 1e9
+        out["gemv_bf16_gbps"] = wb.numel() * 2 / best_time(lambda: F.linear(xb, wb), repeats) / 1e9
     out["read_gbps"] = max(out["sum_gbps"], out["amax_gbps"], out["gemv_gbps"], out["numpy_sum_gbps"])
     return out
 

@@ -1,9 +1,10 @@
 """EngineConfig: built once from CLI flags or LLM(...) kwargs and passed down.
 
-This is the only module that reads environment variables (QUANT_CONFIG, HERD_API_KEY, HERD_CACHE,
+This is the only module that reads environment variables (QUANT_CONFIG, HERD_API_KEY,
 HERD_ALLOW_LONG_MAX_MODEL_LEN / VLLM_ALLOW_LONG_MAX_MODEL_LEN, HERD_ENABLE_MULTIPROCESSING /
-VLLM_ENABLE_V1_MULTIPROCESSING, and the Hugging Face hub's HF_HOME,
-HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT).
+VLLM_ENABLE_V1_MULTIPROCESSING, and the Hugging Face hub's HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE,
+HF_ENDPOINT), apart from herd's cache folder (HERD_CACHE / XDG_CACHE_HOME, herd.hub.herd_cache)
+and the CPU kernels' C compiler (CC, herd.ops.cpu.build).
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def default_device() -> str:
 
 # On the CPU, inductor's own GEMM template (weights frozen into the graph and prepacked, then
 # autotuned against MKL per shape) reads a decode step's weights 2-2.5x faster than MKL's GEMV
-# (docs/benchmarks.md). Frozen weights are a second copy of the linear weights in memory. The
+# (docs/benchmarks.md). Frozen weights are a second copy, in memory, of the weights of the GEMMs
+# inductor runs itself (in fp32 herd's CPU kernels run the linears and experts instead). The
 # last two keep autotuning's per-GEMM timing tables off the server's stderr/stdout.
 CPU_INDUCTOR_DEFAULTS = MappingProxyType(
     {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from herd.hub.herd_cache import herd_cache_dir
 import torch
 from tqdm import tqdm
 
@@ -338,10 +340,8 @@ def convert_gguf(path, out_dir, dtype: str = "bfloat16", progress: bool = True) 
 
 
 def gguf_cache_dir() -> str:
-    """Where converted GGUF files go: $HERD_CACHE/gguf, else $XDG_CACHE_HOME/herd/gguf, else ~/.cache/herd/gguf."""
-    root = os.environ.get("HERD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "herd")
-    return os.path.join(root, "gguf")
+    """Where converted GGUF files go: gguf/ of herd's cache (herd.hub.herd_cache)."""
+    return herd_cache_dir("gguf")
 
 
 def gguf_to_hf(path, cache_root, dtype: str = "bfloat16", progress: bool = True) -> str:

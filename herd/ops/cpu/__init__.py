@@ -30,17 +30,22 @@ def kernels_available() -> bool:
     return load_library() is not None
 
 
-def cpu_grouped_gemm_supported(a_dtype: torch.dtype, w: torch.Tensor) -> bool:
-    """Whether cpu_grouped_gemm takes these weights: fp32 on the CPU, [E, N, K] stored K-major with
-    N a multiple of 16, and the kernels built on this machine."""
+def _takes(a_dtype: torch.dtype, w: torch.Tensor) -> bool:
+    """fp32 on the CPU, the last two dims [N, K] stored K-major with N a multiple of 16, and the
+    kernels built on this machine."""
     return (w.device.type == "cpu" and a_dtype == torch.float32 and w.dtype == torch.float32
-            and w.dim() == 3 and w.stride(1) == 1 and w.shape[1] % 16 == 0 and kernels_available())
+            and w.stride(-2) == 1 and w.shape[-2] % 16 == 0 and kernels_available())
+
+
+def cpu_grouped_gemm_supported(a_dtype: torch.dtype, w: torch.Tensor) -> bool:
+    """Whether cpu_grouped_gemm takes these [E, N, K] weights (see _takes)."""
+    return w.dim() == 3 and _takes(a_dtype, w)
 
 
 def cpu_linear_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """x [..., K] with at most CPU_LINEAR_MAX_ROWS rows and a K-major fp32 weight [N, K]."""
+    """x [..., K] with at most CPU_LINEAR_MAX_ROWS rows and a weight [N, K] the kernel takes."""
     return (x.dim() >= 1 and x.numel() // max(1, x.shape[-1]) <= CPU_LINEAR_MAX_ROWS and w.dim() == 2
-            and cpu_grouped_gemm_supported(x.dtype, w.unsqueeze(0)))
+            and _takes(x.dtype, w))
 
 
 def cpu_paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

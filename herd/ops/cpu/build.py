@@ -18,16 +18,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from herd.hub.herd_cache import herd_cache_dir
+
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("gemm.c", "attention.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-
-
-def kernel_cache_dir() -> str:
-    root = os.environ.get("HERD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "herd")
-    return os.path.join(root, "kernels")
 
 
 def _cpu_flags() -> str:
@@ -74,7 +70,7 @@ def load_library() -> ctypes.CDLL | None:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), " ".join(FLAGS), version,
                                         platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-        path = Path(kernel_cache_dir()) / f"herd_cpu_{key}.so"
+        path = Path(herd_cache_dir("kernels")) / f"herd_cpu_{key}.so"
         if not path.exists():
             _build(cc, path)
         lib = ctypes.CDLL(str(path))
