@@ -122,28 +122,22 @@ class CompilationConfig:
     @classmethod
     def parse(cls, value) -> "CompilationConfig":
         """An int level, a JSON object string, a dict or a CompilationConfig."""
-        import json
         if value is None:
             return cls()
         if isinstance(value, cls):
             return value
         if isinstance(value, int):
             return cls(level=value)
-        if isinstance(value, str):
-            text = value.strip()
-            if text.lstrip("-").isdigit():
-                return cls(level=int(text))
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                raise ValueError(f"compilation config {value!r} is neither a level nor a JSON object") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"compilation config must be a level or a JSON object, got {value!r}")
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return cls(level=int(value.strip()))
+        try:
+            value = parse_json_object(value, "compilation config")
+        except ValueError:
+            raise ValueError(f"compilation config {value!r} is neither a level nor a JSON object") from None
         known = {f.name for f in fields(cls)} | {"mode"}
         unknown = set(value) - known
         if unknown:
             raise ValueError(f"unknown compilation config keys {sorted(unknown)}; known: {sorted(known)}")
-        value = dict(value)
         if "mode" in value:  # newer vLLM spelling of level
             value.setdefault("level", value.pop("mode"))
         cfg = cls(**value)

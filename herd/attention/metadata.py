@@ -60,6 +60,11 @@ class AttentionMetadata:
         return self.common.block_size
 
 
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1): decode windows are padded to these widths."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def group_chunks(model) -> dict[str, int | None]:
     """KV group -> attention chunk of its layers (None: global)."""
     return {layer.self_attn.attn.group: layer.self_attn.attn.chunk for layer in model.model.layers}

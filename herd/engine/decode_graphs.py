@@ -15,14 +15,10 @@ import logging
 import numpy as np
 import torch
 
-from herd.attention.metadata import AttentionMetadata, CommonAttentionMetadata, KVGroupMetadata
+from herd.attention.metadata import AttentionMetadata, CommonAttentionMetadata, KVGroupMetadata, next_pow2
 from herd.engine.input_batch import StepInputs
 
 logger = logging.getLogger(__name__)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _mark_window_dynamic(meta: AttentionMetadata) -> None:
@@ -113,7 +109,7 @@ class DecodeGraphRunner:
 
     def _run_compiled(self, si, B, Bp):
         r, dev = self.runner, self.runner.device
-        width = min(_next_pow2(max(t.shape[1] for t in si.block_tables.values())), self.max_blocks)
+        width = min(next_pow2(max(t.shape[1] for t in si.block_tables.values())), self.max_blocks)
         ids, pos, seq_lens, tables, slots = self._padded(si, Bp, width)
         t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
         meta = self._metadata(t(np.arange(Bp + 1, dtype=np.int32)), t(seq_lens),

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.attention.backends.abstract import AttentionBackend
+from herd.attention.metadata import next_pow2
 from herd.ops.attention import FP8_KV_DTYPES, attention_mask
 from herd.ops.cpu import cpu_paged_decode_supported
 
@@ -39,17 +40,13 @@ class GroupPlan:
 BUCKET_MIN_SAVING_TOKENS = 2048
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def decode_buckets(widths: np.ndarray, block_size: int) -> list[np.ndarray]:
     """Rows of the decode batch (`widths`: visible blocks of each) grouped so that each group's
     padded width (its widest row) costs little more than its rows' own widths: rows by power-of-two
     width class, then neighbouring classes merged (narrowest first) while splitting them would save
     fewer than BUCKET_MIN_SAVING_TOKENS padded keys. Equal widths give one bucket."""
     order = np.argsort(widths, kind="stable")
-    cls = np.array([_next_pow2(int(w)) for w in widths[order]])
+    cls = np.array([next_pow2(int(w)) for w in widths[order]])
     groups = [order[cls == c] for c in np.unique(cls)]
     merged = [groups[0]]
     for g in groups[1:]:
@@ -101,7 +98,7 @@ class SdpaAttentionBackend(AttentionBackend):
             for rows in buckets:
                 width = int(widths.max() if rows is None else widths[rows].max())
                 if for_graph:  # >= 2: a width of 1 would be compiled as a constant (0/1 specialization)
-                    width = max(2, _next_pow2(width))
+                    width = max(2, next_pow2(width))
                 decodes.append(self._decode_plan(common, tables, chunk, width, rows))
         prefills = []
         qsl, sls = common.query_start_loc_cpu, common.seq_lens_cpu
