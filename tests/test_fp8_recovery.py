@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from herd.cli import main as herd_main
 from herd.model.loader import load_model
-from herd.quant.hessian import measure_hessians
+from herd.quant.hessian import measure_hessians, measure_hessians_sequential
 from herd.quant.observers import dequantize_fp8, gptq_round, minmax_scale, quantize_fp8, quantize_weight
-from herd.quant.sensitivity import keep_top, measure_layer_sensitivity, pick_sensitive
+from herd.quant.sensitivity import _fake_quant_per_token, keep_top, measure_layer_sensitivity, pick_sensitive
 from tests.test_llama_dense import LLAMA_BASE, make_tiny_llama
 from tests.tiny_models import save_tiny_tokenizer
 
@@ -83,6 +83,61 @@ def test_measure_hessians_maps_fused_inputs_to_hf_modules(tmp_path):
     assert H["model.layers.2.mlp.gate_proj"] is H["model.layers.2.mlp.up_proj"]
     assert H["model.layers.0.self_attn.o_proj"].shape == (64, 64)
     assert not any("lm_head" in n for n in H)
+
+
+def _rtn(w, h):  # round to nearest on per-channel min-max scales (the Hessian is not needed)
+    s = minmax_scale(w)
+    return dequantize_fp8(quantize_fp8(w, s), s)
+
+
+def test_sequential_hessians_are_measured_behind_the_quantized_layers(tmp_path):
+    path = make_tiny_llama(tmp_path / "m", "llama3")
+    model = load_model(path, dtype=torch.float32)
+    seqs = [[1, 5, 9, 33, 70, 2], [1, 100, 7, 8]]
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    H = measure_hessians(model, seqs, progress=False)
+    calls = []
+    rtn = lambda w, h: (calls.append(w.shape), _rtn(w, h))[1]  # noqa: E731
+    S = measure_hessians_sequential(model, seqs, rtn, lambda n: True, progress=False)
+    assert set(S) == set(H)
+    # layer 0 sees the embeddings either way; every later layer sees the FP8 layers before it
+    for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert torch.allclose(S[f"model.layers.0.{n}"], H[f"model.layers.0.{n}"], atol=1e-6)
+    assert not torch.allclose(S["model.layers.1.self_attn.q_proj"], H["model.layers.1.self_attn.q_proj"], atol=1e-4)
+    # one checkpoint module's rows at a time: q, k, v and gate, up separately
+    q, kv, ffn = 64, 32, LLAMA_BASE["intermediate_size"]
+    assert calls[:5] == [(q, 64), (kv, 64), (kv, 64), (64, 64), (ffn, 64)]
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())  # weights restored
+
+    # the reference: layer 0 in FP8 by hand (rounded weights, per-token FP8 inputs), layer 1 measured
+    layer0 = model.model.layers[0]
+    linears = [layer0.self_attn.qkv_proj, layer0.self_attn.o_proj, layer0.feed_forward.gate_up_proj, layer0.feed_forward.down_proj]
+    names = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    hooks, seen = [], []
+    for mod, n in zip(linears, names):
+        h = H[f"model.layers.0.{n}"]
+        rows = {"self_attn.q_proj": [q, kv, kv], "mlp.gate_proj": [ffn, ffn]}.get(n, [mod.weight.shape[0]])
+        mod.weight.data = torch.cat([_rtn(r, h) for r in torch.split(mod.weight.data, rows)])
+        hooks.append(mod.register_forward_pre_hook(lambda m, a: (_fake_quant_per_token(a[0]),)))
+    hooks.append(model.model.layers[1].self_attn.qkv_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).clone())))
+    for ids in seqs:
+        model(torch.tensor(ids), torch.arange(len(ids)))
+    for h in hooks:
+        h.remove()
+    x = torch.cat(seen)
+    assert torch.allclose(S["model.layers.1.self_attn.q_proj"], x.T @ x / len(x), atol=1e-5)
+
+
+def test_sequential_hessians_with_nothing_quantized_are_the_original_ones(tmp_path):
+    path = make_tiny_llama(tmp_path / "m", "llama3")
+    model = load_model(path, dtype=torch.float32)
+    seqs = [[1, 5, 9, 33, 70, 2], [1, 100, 7]]
+    H = measure_hessians(model, seqs, progress=False)
+    S = measure_hessians_sequential(model, seqs, _rtn, lambda n: False, progress=False, activations="static")
+    assert all(torch.allclose(S[n], H[n], atol=1e-6) for n in H)
+    with pytest.raises(ValueError, match="activations"):
+        measure_hessians_sequential(model, seqs, _rtn, lambda n: True, activations="per-channel")
 
 
 # ----------------------------------------------------------------------------- sensitivity
@@ -253,15 +308,19 @@ def test_gptq_export_predicts_calibration_text_better_than_nearest(amplified, tm
 
     calib = _write_calib(tmp_path)
     errs = {}
-    for rounding in ("nearest", "gptq"):
-        out = tmp_path / rounding
+    for label, extra in (("nearest", ["--rounding", "nearest"]), ("gptq", ["--rounding", "gptq"]),
+                         ("sequential", ["--rounding", "gptq", "--gptq-inputs", "quantized"])):
+        out = tmp_path / label
         assert herd_main(["quantize", "-m", amplified, "-o", str(out), "--no-progress", "--no-report",
-                          "--bf16-layers", "none", "--calib-data", calib, "--rounding", rounding,
-                          "--ignore", "re:.*lm_head"]) == 0
+                          "--bf16-layers", "none", "--calib-data", calib, "--ignore", "re:.*lm_head"] + extra) == 0
         tok_texts = [json.loads(line)["text"] for line in open(calib)]
-        errs[rounding] = quantization_report(amplified, str(out), tok_texts).logits_rel_error
+        errs[label] = quantization_report(amplified, str(out), tok_texts).logits_rel_error
     assert load_calibration_sequences(calib, amplified, 2, 8)  # the text tokenizes
-    assert errs["gptq"] < errs["nearest"]
+    assert errs["gptq"] < errs["nearest"] and errs["sequential"] < errs["nearest"]
+    # sequential Hessians: the first layer sees the same inputs, the later ones those of FP8 layers
+    gptq, seq = (load_file(str(tmp_path / n / "model-00001-of-00001.safetensors")) for n in ("gptq", "sequential"))
+    assert torch.equal(gptq["model.layers.0.self_attn.q_proj.weight"], seq["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(gptq["model.layers.5.mlp.down_proj.weight"], seq["model.layers.5.mlp.down_proj.weight"])
 
 
 def test_herd_calibrate_blocks_the_sensitive_layer(amplified, tmp_path):
@@ -320,3 +379,12 @@ def test_herd_calibrate_gptq_bakes_the_rounding_into_a_bf16_copy(amplified, tmp_
         s = inc_pow2_channel_scale(new[n], 448.0)
         assert torch.equal(dequantize_fp8(quantize_fp8(new[n].float(), s), s), new[n].float()), n
     assert os.path.isfile(rounded / "config.json") and os.path.isfile(rounded / "tokenizer.json")
+    # sequential Hessians: layer 1 follows an all-bf16 layer 0 (attention blocked, MLP kept) and
+    # sees the original inputs; layer 5 follows FP8 layers (rounded weights, static input scales)
+    seq_out = tmp_path / "calib-seq"
+    seq_args = args[:args.index("-o") + 1] + [str(seq_out)] + args[args.index("-o") + 2:]
+    assert herd_main(seq_args + ["--scale-method", "act_maxabs_hw_weights_pcs_maxabs_pow2",
+                                 "--gptq-inputs", "quantized"]) == 0
+    seq = load_file(str(seq_out / os.path.basename(amplified).lower() / "gptq-bf16" / "model.safetensors"))
+    assert torch.equal(seq["model.layers.1.mlp.gate_proj.weight"], new["model.layers.1.mlp.gate_proj.weight"])
+    assert not torch.equal(seq[name], new[name])

@@ -48,6 +48,14 @@ def add_bf16_arguments(parser: argparse.ArgumentParser) -> None:
                              "recipe's list")
 
 
+def add_gptq_inputs_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gptq-inputs", choices=("original", "quantized"), default="original",
+                        help="inputs GPTQ's Hessians are measured on: original (default; the unquantized model's, "
+                             "all layers in one pass) or quantized (one decoder layer at a time, on the states of "
+                             "the layers before it in FP8, as llm-compressor's sequential pipeline; 3-4x the time, "
+                             "no better on SmolLM2-135M: docs/eval.md)")
+
+
 @dataclass
 class RecoveryPlan:
     sensitivity: Sensitivity | None = None
@@ -125,9 +133,13 @@ def default_sequences(model_path: str) -> list[list[int]]:
 def plan(model_path: str, is_quantized: Callable[[str], bool], bf16_layers: str | int,
          sequences: list[list[int]] | None, text: str, gptq: bool = False, strategy: str = "channel",
          observer: str = "minmax", device: str = "cpu", progress: bool = True,
-         activations: str = "dynamic", input_backoff: float = 0.25) -> RecoveryPlan:
+         activations: str = "dynamic", input_backoff: float = 0.25, sequential: bool = False,
+         weight_observer: str = "mse", static_inputs: bool = False) -> RecoveryPlan:
     """Measure what is asked: per-layer sensitivity (unless `bf16_layers` is "none" or 0, or "auto"
-    on a large checkpoint) and, with `gptq`, the Hessians (`sequences` required)."""
+    on a large checkpoint) and, with `gptq`, the Hessians (`sequences` required). `sequential`: each
+    layer's Hessians on the states of the layers before it in FP8 (their weights rounded as the
+    export will, with `strategy` / `weight_observer` scales; inputs per token, or with
+    `static_inputs` one scale amax / 448 per linear, as compressed-tensors' static scheme)."""
     from herd.model.loader import load_model
 
     out = RecoveryPlan(text=text)
@@ -156,11 +168,18 @@ def plan(model_path: str, is_quantized: Callable[[str], bool], bf16_layers: str 
             out.sensitivity = (pick_sensitive(sens, DEFAULT_FACTOR) if bf16_layers == "auto"
                                else keep_top(sens, int(bf16_layers)))
         if gptq:
-            from herd.quant.hessian import measure_hessians
+            from herd.quant.hessian import measure_hessians, measure_hessians_sequential
+            from herd.quant.observers import dequantize_fp8, quantize_weight
 
             kept = set(out.kept_modules())
-            out.hessians = {n: h for n, h in measure_hessians(model, sequences, hf_prefix, progress).items()
-                            if is_quantized(n) and n not in kept}
+            wanted = lambda n: is_quantized(n) and n not in kept  # noqa: E731
+            if sequential:
+                rounded = lambda w, h: dequantize_fp8(*quantize_weight(w, strategy, weight_observer, h))  # noqa: E731
+                hessians = measure_hessians_sequential(model, sequences, rounded, wanted, hf_prefix,
+                                                       "static" if static_inputs else "dynamic", 1.0, progress)
+            else:
+                hessians = measure_hessians(model, sequences, hf_prefix, progress)
+            out.hessians = {n: h for n, h in hessians.items() if wanted(n)}
     finally:
         del model
         gc.collect()
@@ -270,28 +289,41 @@ def write_gptq_rounded_checkpoint(model_path: str, out_dir: str, hessians: dict[
 
 
 def gptq_for_inc(model_path: str, prompts: list[str], out_dir: str, scale_method: str, device: str,
-                 progress: bool = True, skip: list[str] = (), keep: list[str] = ()) -> str:
+                 progress: bool = True, skip: list[str] = (), keep: list[str] = (), input_backoff: float = 0.25,
+                 sequential: bool = False) -> str:
     """`herd calibrate --rounding gptq`: Hessians from the calibration prompts, then the rounded
     bf16 copy that the MEASURE step and serving use. Modules that stay bf16 (blocklist regexes
-    `skip`, checkpoint names `keep`) keep their weights. Returns the copy's folder."""
+    `skip`, checkpoint names `keep`) keep their weights. `sequential`: each layer's Hessians on the
+    states of the layers before it in FP8 (rounded weights, static input scales maxabs / (fullscale
+    * `input_backoff`)). Returns the copy's folder."""
     from herd.engine.tokenizer import get_tokenizer
     from herd.model.loader import load_model
-    from herd.quant.hessian import measure_hessians
+    from herd.quant.hessian import measure_hessians, measure_hessians_sequential
+    from herd.quant.observers import dequantize_fp8, gptq_round
 
     if scale_method not in INC_GPTQ_SCALE_METHODS:
         raise ValueError(f"--rounding gptq needs a per-channel power-of-two weight scale method "
                          f"({' or '.join(INC_GPTQ_SCALE_METHODS)}), got {scale_method}")
     tok = get_tokenizer(model_path)
     seqs = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    fmt_max = 240.0 if device == "g2" else 448.0
+    wanted = lambda n: n not in set(keep) and not any(re.search(b, _inc_like(n)) for b in skip)  # noqa: E731
     model = load_model(model_path, dtype=torch.float32)
     try:
         hf_prefix = "language_model." if getattr(model.config, "multimodal", False) else ""
-        hessians = {n: h for n, h in measure_hessians(model, seqs, hf_prefix, progress).items()
-                    if n not in set(keep) and not any(re.search(b, _inc_like(n)) for b in skip)}
+        if sequential:
+            def rounded(w, h):
+                s = inc_pow2_channel_scale(w, fmt_max)
+                return dequantize_fp8(gptq_round(w, s, h), s)
+
+            hessians = measure_hessians_sequential(model, seqs, rounded, wanted, hf_prefix, "static",
+                                                   input_backoff * fmt_max / 448.0, progress)
+        else:
+            hessians = measure_hessians(model, seqs, hf_prefix, progress)
+        hessians = {n: h for n, h in hessians.items() if wanted(n)}
     finally:
         del model
         gc.collect()
-    done = write_gptq_rounded_checkpoint(model_path, out_dir, hessians, 240.0 if device == "g2" else 448.0,
-                                         progress)
+    done = write_gptq_rounded_checkpoint(model_path, out_dir, hessians, fmt_max, progress)
     print(f"GPTQ-rounded {len(done)} Linear weights onto the FP8 grid of {scale_method}: {out_dir}")
     return out_dir

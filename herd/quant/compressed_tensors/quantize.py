@@ -13,7 +13,7 @@ import sys
 
 from herd.quant.compressed_tensors.config import DEFAULT_IGNORE, SCHEME_NAMES
 from herd.quant.observers import OBSERVERS
-from herd.quant.recovery import add_bf16_arguments
+from herd.quant.recovery import add_bf16_arguments, add_gptq_inputs_argument
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounding", choices=("gptq", "nearest"), default="nearest",
                         help="FP8 weight rounding: nearest (default) or gptq (each column's rounding error spread "
                              "over the others with Hessians from --calib-data; same format and scales)")
+    add_gptq_inputs_argument(parser)
     add_bf16_arguments(parser)
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB", help="output shard size (default 5GB)")
     parser.add_argument("--device", default="cpu", help="device for the observer math (e.g. cuda)")
@@ -97,9 +98,11 @@ def _accuracy_plan(args, ignore: list[str]):
         seqs = load_calibration_sequences(args.calib_data, args.model, args.num_calibration_samples,
                                           args.max_seq_length)
         text = f"{len(seqs)} samples of {args.calib_data}"
+    scheme = fp8_scheme(args.scheme, args.observer)
     return plan(args.model, lambda name: not is_ignored(name, ignore), args.bf16_layers, seqs, text,
-                gptq=args.rounding == "gptq", strategy=fp8_scheme(args.scheme, args.observer).weights.strategy,
-                device=args.device, progress=not args.no_progress)
+                gptq=args.rounding == "gptq", strategy=scheme.weights.strategy, device=args.device,
+                progress=not args.no_progress, sequential=args.gptq_inputs == "quantized",
+                weight_observer=args.observer, static_inputs=scheme.static_input)
 
 
 def kept_bf16_reasons(ignored: list[str], ignore: list[str], accuracy) -> dict[str, str]:

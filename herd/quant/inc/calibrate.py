@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from herd.engine.arg_utils import parse_length
 from herd.quant.formats import ScaleDevice
-from herd.quant.recovery import add_bf16_arguments, add_to_blocklist, gptq_for_inc, keep_bf16_for_inc
+from herd.quant.recovery import (add_bf16_arguments, add_gptq_inputs_argument, add_to_blocklist, gptq_for_inc,
+                                 keep_bf16_for_inc)
 from herd.quant.inc.config import IncQuantConfig
 from herd.quant.inc.scale_methods import PRESETS, ScaleMethod, ScaleMethodTable
 from herd.quant.inc.nodes import UNMEASURED_ATTENTION_OPS, find_measurement_sets
@@ -77,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gptq: round the weights onto INC's per-channel power-of-two FP8 grid with GPTQ error "
                              "feedback from the calibration prompts, in a bf16 copy <OUT>/<model>/gptq-bf16 that "
                              "is measured and served (needs a *_weights_pcs_maxabs_pow2 --scale-method)")
+    add_gptq_inputs_argument(parser)
     static = [m.value for m in ScaleMethod if not PRESETS[m].dynamic]
     parser.add_argument("--scale-method", default="maxabs_hw", type=str.lower, choices=static, metavar="METHOD",
                         help="scale_method written into the QUANTIZE config (default: maxabs_hw); one of "
@@ -353,7 +355,9 @@ def run(args: argparse.Namespace) -> int:
             print(kept.format())
         if args.rounding == "gptq":
             args.model = gptq_for_inc(args.model, prompts, str(model_root / "gptq-bf16"), args.scale_method,
-                                      args.device, skip=args.blocklist_names, keep=kept.kept_modules())
+                                      args.device, skip=args.blocklist_names, keep=kept.kept_modules(),
+                                      input_backoff=method.activation.backoff,
+                                      sequential=args.gptq_inputs == "quantized")
         eager = {"enforce_eager": True} if getattr(args, "enforce_eager", False) else {}
         measure(args.model, prompts, measure_cfg, args.batch_size, args.tensor_parallel_size,
                 args.max_model_len, args.dtype, **eager)
