@@ -4,14 +4,17 @@ Weights are cycled through several copies (more bytes than the 32 MiB L3) so eac
 them from memory, as a decode step does; every figure is the best of --repeats timings, in one
 run with the memory bandwidth measured alongside.
 
-  dense    herd::cpu_linear (K-major weight) vs F.linear (MKL, row-major weight): SmolLM2-135M's
+  dense    herd::cpu_linear (K-major weight) vs F.linear (torch, row-major weight): SmolLM2-135M's
            and the benchmark MoE's linear shapes at 1, 16, 64 rows; weight GB/s and GFLOP/s
   experts  herd::cpu_grouped_gemm vs torch._grouped_mm (both on K-major weights, as loaded),
            16 experts of the MoE checkpoint's shapes, top-1 routing of 1, 16, 64 tokens
   attention herd::cpu_paged_decode vs the sdpa backend's gather + SDPA: 8 query / 2 KV heads,
            head dim 64, windows of 256 keys in blocks of 128, batch 1, 16, 64
 
-    python benchmarks/cpu_kernels.py [--threads 2] [--repeats 20] [--output-json FILE]
+  dense and experts run for each of --dtypes (float32, bfloat16: weights and activations alike;
+  torch's bf16 F.linear / grouped GEMM against herd's bf16 kernels).
+
+    python benchmarks/cpu_kernels.py [--threads 2] [--repeats 20] [--dtypes float32 bfloat16] [--output-json FILE]
 """
 from __future__ import annotations
 
@@ -41,26 +44,29 @@ def k_major(w):
     return w.transpose(-2, -1).contiguous().transpose(-2, -1)
 
 
-def dense(repeats: int) -> list[dict]:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def dense(repeats: int, dtype: torch.dtype) -> list[dict]:
     rows = []
     shapes = [("smollm2 qkv", 960, 576), ("smollm2 gate_up", 3072, 576), ("smollm2 down", 576, 1536),
               ("smollm2 lm_head", 49152, 576), ("moe shared gate_up", 2048, 512), ("moe qkv", 768, 512)]
     for name, N, K in shapes:
-        copies = max(1, COPY_BYTES // (N * K * 4))
-        ws = [torch.randn(N, K) * K ** -0.5 for _ in range(copies)]
+        copies = max(1, COPY_BYTES // (N * K * dtype.itemsize))
+        ws = [(torch.randn(N, K) * K ** -0.5).to(dtype) for _ in range(copies)]
         wk = [k_major(w) for w in ws]
         for M in (1, 16, 64):
-            x = torch.randn(M, K)
-            t_mkl = best_ms(lambda: [F.linear(x, w) for w in ws], repeats) / copies
+            x = torch.randn(M, K).to(dtype)
+            t_torch = best_ms(lambda: [F.linear(x, w) for w in ws], repeats) / copies
             t_herd = best_ms(lambda: [torch.ops.herd.cpu_linear(x, w) for w in wk], repeats) / copies
-            gb = N * K * 4 / 1e9
-            rows.append(dict(shape=f"{name} [{N}, {K}]", rows=M, mkl_ms=t_mkl, herd_ms=t_herd,
-                             mkl_gbps=gb / t_mkl * 1e3, herd_gbps=gb / t_herd * 1e3,
+            gb = N * K * dtype.itemsize / 1e9
+            rows.append(dict(shape=f"{name} [{N}, {K}]", dtype=str(dtype).split(".")[-1], rows=M, torch_ms=t_torch, herd_ms=t_herd,
+                             torch_gbps=gb / t_torch * 1e3, herd_gbps=gb / t_herd * 1e3,
                              herd_gflops=2 * M * N * K / t_herd / 1e6))
     return rows
 
 
-def experts(repeats: int) -> list[dict]:
+def experts(repeats: int, dtype: torch.dtype) -> list[dict]:
     rows, E = [], 16
     for name, N, K in (("w13", 2048, 512), ("w2", 512, 1024)):
         for M in (1, 16, 64):
@@ -69,14 +75,14 @@ def experts(repeats: int) -> list[dict]:
             counts = torch.bincount(ids, minlength=E)
             offs = counts.cumsum(0).to(torch.int32)
             touched = int((counts > 0).sum())
-            copies = max(1, COPY_BYTES // (touched * N * K * 4))   # of the touched experts' bytes
-            pool = k_major(torch.empty(copies * E, N, K).normal_(std=K ** -0.5))
+            copies = max(1, COPY_BYTES // (touched * N * K * dtype.itemsize))   # of the touched experts' bytes
+            pool = k_major(torch.empty(copies * E, N, K).normal_(std=K ** -0.5).to(dtype))
             ws = [pool[c * E:(c + 1) * E] for c in range(copies)]
-            a = torch.randn(M, K)
+            a = torch.randn(M, K).to(dtype)
             t_torch = best_ms(lambda: [torch._grouped_mm(a, w.transpose(-2, -1), offs=offs) for w in ws], repeats) / copies
             t_herd = best_ms(lambda: [torch.ops.herd.cpu_grouped_gemm(a, w, offs) for w in ws], repeats) / copies
-            gb = touched * N * K * 4 / 1e9
-            rows.append(dict(shape=f"{name} 16 x [{N}, {K}]", tokens=M, experts_touched=touched,
+            gb = touched * N * K * dtype.itemsize / 1e9
+            rows.append(dict(shape=f"{name} 16 x [{N}, {K}]", dtype=str(dtype).split(".")[-1], tokens=M, experts_touched=touched,
                              torch_ms=t_torch, herd_ms=t_herd, torch_gbps=gb / t_torch * 1e3,
                              herd_gbps=gb / t_herd * 1e3))
             del pool, ws
@@ -108,6 +114,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     apply_threads(args.threads)
@@ -117,18 +124,18 @@ def main(argv=None) -> int:
     status("memory bandwidth")
     bw = measure_bandwidth(args.threads)
     status(f"read bandwidth {bw['read_gbps']:.1f} GB/s; dense linears")
-    d = dense(args.repeats)
+    d = [r for t in args.dtypes for r in dense(args.repeats, DTYPES[t])]
     status("grouped expert GEMMs")
-    e = experts(args.repeats)
+    e = [r for t in args.dtypes for r in experts(args.repeats, DTYPES[t])]
     status("decode attention")
     a = attention(args.repeats)
     print(f"\nread bandwidth {bw['read_gbps']:.1f} GB/s ({args.threads} threads)\n")
-    print(markdown_table(["shape", "rows", "MKL GB/s", "herd GB/s", "herd / MKL", "herd GFLOP/s"],
-                         [[r["shape"], r["rows"], f"{r['mkl_gbps']:.1f}", f"{r['herd_gbps']:.1f}",
-                           f"{r['mkl_ms'] / r['herd_ms']:.2f}x", f"{r['herd_gflops']:.0f}"] for r in d]))
+    print(markdown_table(["shape", "dtype", "rows", "torch GB/s", "herd GB/s", "herd / torch", "herd GFLOP/s"],
+                         [[r["shape"], r["dtype"], r["rows"], f"{r['torch_gbps']:.1f}", f"{r['herd_gbps']:.1f}",
+                           f"{r['torch_ms'] / r['herd_ms']:.2f}x", f"{r['herd_gflops']:.0f}"] for r in d]))
     print()
-    print(markdown_table(["experts", "tokens", "touched", "torch GB/s", "herd GB/s", "herd / torch"],
-                         [[r["shape"], r["tokens"], r["experts_touched"], f"{r['torch_gbps']:.1f}",
+    print(markdown_table(["experts", "dtype", "tokens", "touched", "torch GB/s", "herd GB/s", "herd / torch"],
+                         [[r["shape"], r["dtype"], r["tokens"], r["experts_touched"], f"{r['torch_gbps']:.1f}",
                            f"{r['herd_gbps']:.1f}", f"{r['torch_ms'] / r['herd_ms']:.2f}x"] for r in e]))
     print()
     print(markdown_table(["batch", "keys", "gather + SDPA ms", "herd ms", "herd / SDPA"],

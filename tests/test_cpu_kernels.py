@@ -78,7 +78,9 @@ def test_supported_only_for_what_the_kernel_reads():
     w = k_major(torch.randn(2, 32, 16))
     assert cpu_grouped_gemm_supported(torch.float32, w)
     assert not cpu_grouped_gemm_supported(torch.float32, w.contiguous())      # row-major
-    assert not cpu_grouped_gemm_supported(torch.bfloat16, w.bfloat16())        # fp32 only
+    assert cpu_grouped_gemm_supported(torch.bfloat16, w.bfloat16())            # bf16 too
+    assert not cpu_grouped_gemm_supported(torch.float32, w.bfloat16())         # one type for both
+    assert not cpu_grouped_gemm_supported(torch.float16, w.half())             # fp32 and bf16 only
     assert not cpu_grouped_gemm_supported(torch.float32, k_major(torch.randn(2, 24, 16)))  # N % 16
     x = torch.randn(CPU_LINEAR_MAX_ROWS, 16)
     assert cpu_linear_supported(x, w[0]) and not cpu_linear_supported(torch.randn(CPU_LINEAR_MAX_ROWS + 1, 16), w[0])
@@ -91,6 +93,35 @@ def test_linear_matches_f_linear(rows, N, K):
     x = torch.randn(rows, K, generator=g)
     w = k_major(torch.randn(N, K, generator=g) * K ** -0.5)
     torch.testing.assert_close(torch.ops.herd.cpu_linear(x, w), F.linear(x, w), **TOL)
+
+
+def assert_bf16_rounding_of(out, ref):
+    """`out` (bf16) is the fp32 result `ref` rounded once: within half a bf16 step (plus fp32
+    summation-order noise), and equal to ref.bfloat16() but where the sum sits on a rounding edge."""
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2 ** -8, atol=1e-5)
+    assert (out == ref.bfloat16()).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("M,E,N,K", [(1, 1, 16, 8), (3, 4, 64, 7), (40, 3, 80, 100), (130, 5, 1040, 33)])
+def test_grouped_gemm_bf16(M, E, N, K):
+    """bf16 activations and weights widen exactly to fp32; the fp32 sums round once."""
+    a, w, offs = grouped_inputs(M, E, N, K, seed=M + N)
+    a, w = a.bfloat16(), k_major(w.bfloat16())
+    assert w.stride(-2) == 1 and cpu_grouped_gemm_supported(a.dtype, w)
+    assert_bf16_rounding_of(torch.ops.herd.cpu_grouped_gemm(a, w, offs), grouped_ref(a.float(), w.float(), offs))
+
+
+@pytest.mark.parametrize("rows", [1, 7, CPU_LINEAR_MAX_ROWS])
+def test_linear_bf16(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=g).bfloat16()
+    w = k_major((torch.randn(1536, 576, generator=g) * 576 ** -0.5).bfloat16())
+    out = torch.ops.herd.cpu_linear(x, w)
+    assert_bf16_rounding_of(out, F.linear(x.float(), w.float()))
+    # as close to the fp32 result as torch's own bf16 GEMM
+    ref = F.linear(x.float(), w.float())
+    assert (out.float() - ref).abs().max() <= 1.01 * (F.linear(x, w).float() - ref).abs().max()
 
 
 def test_linear_keeps_leading_dims():
@@ -114,24 +145,27 @@ def test_ops_compile_fullgraph():
     torch.testing.assert_close(out, F.linear(torch._grouped_mm(a, w.transpose(-2, -1), offs=offs).relu(), lin), **TOL)
 
 
-def test_fused_moe_uses_the_kernel_and_matches_the_reference(monkeypatch):
-    """fp32 K-major experts go through herd's kernel (eager and compiled), equal to the loop."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_uses_the_kernel_and_matches_the_reference(monkeypatch, dtype):
+    """fp32 and bf16 K-major experts go through herd's kernel (eager and compiled), equal to the
+    loop (bf16: to the loop in fp32 on the same bf16 values, within bf16 rounding)."""
     g = torch.Generator().manual_seed(11)
     T, D, I, E = 17, 64, 48, 6
-    x = torch.randn(T, D, generator=g)
-    w13 = torch.randn(E, 2 * I, D, generator=g) * D ** -0.5
-    w2 = torch.randn(E, D, I, generator=g) * I ** -0.5
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w13 = (torch.randn(E, 2 * I, D, generator=g) * D ** -0.5).to(dtype)
+    w2 = (torch.randn(E, D, I, generator=g) * I ** -0.5).to(dtype)
     ids = torch.randint(0, E, (T, 2), generator=g)
     wts = torch.rand(T, 2, generator=g)
-    ref = moe.fused_moe_ref(x, w13, w2, ids, wts)
+    ref = moe.fused_moe_ref(x.float(), w13.float(), w2.float(), ids, wts)
+    tol = TOL if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     calls = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     k13, k2 = k_major(w13), k_major(w2)
-    torch.testing.assert_close(moe.fused_moe(x, k13, k2, ids, wts), ref, **TOL)
+    torch.testing.assert_close(moe.fused_moe(x, k13, k2, ids, wts).float(), ref, **tol)
     torch._dynamo.reset()
     compiled = torch.compile(moe.fused_moe, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, k13, k2, ids, wts), ref, **TOL)
+    torch.testing.assert_close(compiled(x, k13, k2, ids, wts).float(), ref, **tol)
     assert calls == []   # torch's grouped GEMM never ran
 
 
@@ -189,7 +223,18 @@ def test_loaded_model_runs_on_the_kernels_and_matches_torch(scout_dir, monkeypat
     from herd.model.layers import LinearBase, ParallelLMHead, VocabParallelEmbedding
     from herd.model.loader import load_model
 
+    built = []
+    monkeypatch.setattr(cpu, "kernels_available", lambda f=cpu.kernels_available: built.append(f()) or built[-1])
     model = load_model(scout_dir, dtype=torch.float32)
+    assert built == [True]  # the kernels are built (or found) while loading, before the first step
+    monkeypatch.undo()
+    # bf16: the experts K-major for the kernel, dense linears row-major for torch's bf16 GEMM
+    bf16 = load_model(scout_dir, dtype=torch.bfloat16)
+    experts = [m for m in bf16.modules() if type(m).__name__ == "FusedMoE"]
+    assert experts and all(m.w13_weight.stride(-2) == 1 and cpu_grouped_gemm_supported(torch.bfloat16, m.w2_weight)
+                           for m in experts)
+    assert all(m.weight.is_contiguous() for m in bf16.modules() if isinstance(m, (LinearBase, ParallelLMHead)))
+    del bf16
     linears = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
     assert linears and all(m.weight.stride(0) == 1 for m in linears)
     embeds = [m for m in model.modules() if type(m) is VocabParallelEmbedding]

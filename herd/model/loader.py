@@ -251,13 +251,22 @@ def relayout_for_cpu(model: torch.nn.Module):
     lm_head is its own tensor even when tied)."""
     from herd.model.layers import LinearBase, ParallelLMHead, UnquantizedLinearMethod
     from herd.model.llama4 import FusedMoE
+    from herd.ops.cpu import kernels_available
+    kernel_dtypes = (torch.float32, torch.bfloat16)  # what herd's kernels read
+    used = False
     for module in model.modules():
         if isinstance(module, FusedMoE):
             for name in ("w13_weight", "w2_weight"):
                 p = getattr(module, name)
                 if p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.dim() == 3 and p.stride(-1) == 1:
                     _k_major(p)
+                    used |= p.dtype in kernel_dtypes
         elif isinstance(module, (LinearBase, ParallelLMHead)) and type(module.quant_method) is UnquantizedLinearMethod:
             p = module.weight
+            # bf16 stays row-major (F.linear): torch's bf16 GEMM beats the kernel from a few rows
+            # up, and runs slower on K-major weights; only bf16 experts take the kernel
             if p.dtype == torch.float32 and p.dim() == 2 and p.stride(-1) == 1:
                 _k_major(p)
+                used = True
+    if used:
+        kernels_available()  # build (or find) the kernels now, while loading, not in the first step

@@ -132,7 +132,7 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, hidden: int, 
 
 
 def grouped_moe_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """herd's CPU kernel takes both weights (fp32, K-major: eager and compiled alike), or
+    """herd's CPU kernel takes both weights (fp32 or bf16, K-major: eager and compiled alike), or
     grouped_mm_supported for these activations with [E, N, K] weights whose transpose is a
     column-major view the kernel takes as it is (no weight copy per call)."""
     if all(cpu_grouped_gemm_supported(x.dtype, w) for w in (w13, w2)):

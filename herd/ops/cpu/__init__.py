@@ -2,10 +2,11 @@
 (`torch.ops.herd.*`, with fake kernels) so eager code and torch.compile graphs call them alike.
 
 cpu_grouped_gemm: torch._grouped_mm's contract (a [M, K] rows sorted by expert, w [E, N, K],
-offs [E] int32 cumulative row ends; rows past offs[-1] left uninitialized) for fp32 weights stored
-K-major (loader.relayout_for_cpu). torch._grouped_mm is the reference it is tested against.
-cpu_linear: F.linear(x, w) without bias for a K-major fp32 [N, K] weight, the same kernel with one
-expert; used for decode-sized batches (CPU_LINEAR_MAX_ROWS), F.linear is its reference.
+offs [E] int32 cumulative row ends; rows past offs[-1] left uninitialized) for fp32 or bf16
+weights stored K-major (loader.relayout_for_cpu), activations of the same type. torch._grouped_mm
+is the reference it is tested against. cpu_linear: F.linear(x, w) without bias for a K-major
+[N, K] weight, the same kernel with one expert; used for decode-sized batches
+(CPU_LINEAR_MAX_ROWS), F.linear is its reference. bf16 is computed in fp32 and rounded once.
 cpu_paged_decode: one query token per sequence against its window of the paged KV cache; the
 sdpa backend's gather + F.scaled_dot_product_attention is its reference.
 
@@ -30,10 +31,13 @@ def kernels_available() -> bool:
     return load_library() is not None
 
 
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # the element types gemm.c is built for
+
+
 def _takes(a_dtype: torch.dtype, w: torch.Tensor) -> bool:
-    """fp32 on the CPU, the last two dims [N, K] stored K-major with N a multiple of 16, and the
-    kernels built on this machine."""
-    return (w.device.type == "cpu" and a_dtype == torch.float32 and w.dtype == torch.float32
+    """fp32 or bf16 (activations and weights alike) on the CPU, the last two dims [N, K] stored
+    K-major with N a multiple of 16, and the kernels built on this machine."""
+    return (w.device.type == "cpu" and a_dtype == w.dtype and w.dtype in _SUFFIX
             and w.stride(-2) == 1 and w.shape[-2] % 16 == 0 and kernels_available())
 
 
@@ -68,7 +72,7 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch
     M, K = a.shape
     E, N, _ = w.shape
     out = a.new_empty(M, N)
-    _check(load_library().herd_grouped_gemm_f32(
+    _check(getattr(load_library(), "herd_grouped_gemm_" + _SUFFIX[a.dtype])(
         a.data_ptr(), a.stride(0), w.data_ptr(), w.stride(0), w.stride(2), out.data_ptr(), out.stride(0),
         offs.data_ptr(), E, N, K, torch.get_num_threads()), f"grouped GEMM (N={N})")
     return out
@@ -78,7 +82,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     a = _rows(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
     N, K = w.shape
     out = a.new_empty(a.shape[0], N)
-    _check(load_library().herd_linear_f32(
+    _check(getattr(load_library(), "herd_linear_" + _SUFFIX[a.dtype])(
         a.data_ptr(), a.stride(0), w.data_ptr(), w.stride(1), out.data_ptr(), N, a.shape[0], N, K,
         torch.get_num_threads()), f"linear (N={N})")
     return out if x.dim() == 2 else out.view(*x.shape[:-1], N)

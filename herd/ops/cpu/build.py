@@ -23,6 +23,7 @@ from herd.hub.herd_cache import herd_cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("gemm.c", "attention.c"))
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("gemm_body.h",))  # part of the key, not compiled alone
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 
@@ -52,8 +53,9 @@ def _build(cc: str, out: Path) -> None:
 
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {  # C entry point -> argument types (each returns int: 0, or -1 on a shape it refuses)
-    "herd_grouped_gemm_f32": [_PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
-    "herd_linear_f32": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
+    **{f"herd_grouped_gemm_{t}": [_PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT]
+       for t in ("f32", "bf16")},
+    **{f"herd_linear_{t}": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT] for t in ("f32", "bf16")},
     "herd_paged_decode_f32": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64,
                               _I64, _I64, _I64, ctypes.c_float, _INT],
 }
@@ -68,7 +70,7 @@ def load_library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), " ".join(FLAGS), version,
+        key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES + HEADERS), " ".join(FLAGS), version,
                                         platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
         path = Path(herd_cache_dir("kernels")) / f"herd_cpu_{key}.so"
         if not path.exists():

@@ -5,10 +5,14 @@
    at w + e * lde + k * ldk + n. The work is cut into panels of output columns of each touched
    expert, shared out among the threads (narrower panels when there are few, so every thread has
    some). At a few rows the work is reading the weights, so a panel's first pass streams them:
-   KS weight rows per step (KS runs of contiguous floats) added into accumulators that stay in
+   KS weight rows per step (KS runs of contiguous values) added into accumulators that stay in
    L1. That pass leaves the panel's weights (at most 1 MiB) in L2, and the rows after the first MR
    reread them from there in register tiles, where arithmetic is the limit. Rows past offs[E-1]
    are not written.
+
+   gemm_body.h holds the kernels; it is included once per element type: float32, and bfloat16
+   (activations, weights and output; each value widens exactly to float32, the sums are float32
+   and round to nearest-even bfloat16 once, at the end, as torch's bf16 GEMMs do).
 
    Built at first use with the system C compiler (-O3 -march=native -fopenmp); the vector type is
    GCC's generic 16-float vector, which the compiler lowers to the machine's widest SIMD. */
@@ -17,129 +21,51 @@
 #include <string.h>
 
 typedef float v16 __attribute__((vector_size(64)));
-
-static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 #define NW 512  /* output columns per panel: MR x NW accumulators (12 KiB) stay in L1 */
 #define KS 8    /* weight rows per step: 8 streams, and accumulators touched once per 8 rows */
 #define MR 6    /* token rows per pass over a panel's weights */
 
-/* acc[m, 0:nw] = sum_k a[m, k] * w[k, 0:nw] for ROWS token rows (nw % 16 == 0). */
-#define PANEL(ROWS)                                                                           \
-static void panel_##ROWS(const float *a, int64_t lda, const float *w, int64_t ldk,           \
-                         float *out, int64_t ldo, int64_t K, int64_t nw) {                    \
-    float acc[ROWS][NW] __attribute__((aligned(64)));                                         \
-    memset(acc, 0, sizeof acc);                                                               \
-    int64_t k = 0;                                                                            \
-    for (; k + KS <= K; k += KS) {                                                            \
-        float x[ROWS][KS];                                                                    \
-        _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                               \
-            _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) x[m][j] = a[m * lda + k + j]; \
-        const float *wk = w + k * ldk;                                                        \
-        for (int64_t n = 0; n < nw; n += 16) {                                                \
-            v16 v[KS];                                                                        \
-            _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) v[j] = load16(wk + j * ldk + n); \
-            _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++) {                         \
-                v16 s = load16(&acc[m][n]);                                                   \
-                _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) s += v[j] * x[m][j];    \
-                store16(&acc[m][n], s);                                                       \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
-    for (; k < K; k++) {                                                                      \
-        const float *wk = w + k * ldk;                                                        \
-        for (int64_t n = 0; n < nw; n += 16) {                                                \
-            v16 v0 = load16(wk + n);                                                          \
-            _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                           \
-                store16(&acc[m][n], load16(&acc[m][n]) + v0 * a[m * lda + k]);                \
-        }                                                                                     \
-    }                                                                                         \
-    for (int m = 0; m < ROWS; m++) memcpy(out + m * ldo, acc[m], sizeof(float) * nw);         \
+static inline v16 load16_f32(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16_f32(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+static inline float get_f32(const float *p) { return *p; }
+
+/* a bfloat16 is the upper half of a float32 */
+static inline v16 load16_bf16(const uint16_t *p) {
+    u16x16 h;
+    memcpy(&h, p, sizeof h);
+    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+    v16 v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+static inline void store16_bf16(uint16_t *p, v16 v) {
+    u32x16 u;
+    memcpy(&u, &v, sizeof u);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  /* round to nearest, ties to even */
+    u16x16 h = __builtin_convertvector(u, u16x16);
+    memcpy(p, &h, sizeof h);
+}
+static inline float get_bf16(const uint16_t *p) {
+    uint32_t u = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 
-PANEL(1) PANEL(2) PANEL(3) PANEL(4) PANEL(5) PANEL(6)
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
 
-/* Register tile for the rows after a panel's first pass, when the panel's weights are in L2 and
-   arithmetic, not reading them, is the limit: out[m, 0:16*NV] for ROWS rows over the whole K,
-   accumulators in registers (ROWS x NV of them). */
-#define TILE(ROWS, NV)                                                                        \
-static void tile_##ROWS##_##NV(const float *a, int64_t lda, const float *w, int64_t ldk,     \
-                               float *out, int64_t ldo, int64_t K) {                          \
-    v16 acc[ROWS][NV];                                                                        \
-    _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                                   \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[m][v] = (v16){0};           \
-    for (int64_t k = 0; k < K; k++) {                                                         \
-        const float *wk = w + k * ldk;                                                        \
-        v16 wv[NV];                                                                           \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) wv[v] = load16(wk + 16 * v);    \
-        _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++) {                             \
-            float x = a[m * lda + k];                                                         \
-            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[m][v] += wv[v] * x;     \
-        }                                                                                     \
-    }                                                                                         \
-    _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                                   \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) store16(out + m * ldo + 16 * v, acc[m][v]); \
-}
+#define T float
+#define SUF f32
+#include "gemm_body.h"
+#undef T
+#undef SUF
 
-#define TILES_OF(ROWS) TILE(ROWS, 1) TILE(ROWS, 4)
-TILES_OF(1) TILES_OF(2) TILES_OF(3) TILES_OF(4) TILES_OF(5) TILES_OF(6)
-typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float *, int64_t, int64_t);
-static const tile_fn TILES[MR][2] = {{tile_1_1, tile_1_4}, {tile_2_1, tile_2_4}, {tile_3_1, tile_3_4},
-                                     {tile_4_1, tile_4_4}, {tile_5_1, tile_5_4}, {tile_6_1, tile_6_4}};
-
-typedef void (*panel_fn)(const float *, int64_t, const float *, int64_t, float *, int64_t, int64_t, int64_t);
-static const panel_fn PANELS[MR] = {panel_1, panel_2, panel_3, panel_4, panel_5, panel_6};
-
-/* Returns 0, or -1 when N is not a multiple of 16 or memory runs out. */
-int herd_grouped_gemm_f32(const float *a, int64_t lda, const float *w, int64_t lde, int64_t ldk,
-                          float *out, int64_t ldo, const int32_t *offs, int64_t E, int64_t N,
-                          int64_t K, int num_threads) {
-    if (N % 16 != 0 || num_threads < 1) return -1;
-    int64_t touched = 0;
-    for (int64_t e = 0; e < E; e++) touched += offs[e] > (e ? offs[e - 1] : 0);
-    /* panel width: NW, or narrower so that there are at least 4 panels per thread */
-    int64_t per_expert = (4 * num_threads + touched - 1) / (touched ? touched : 1);
-    int64_t nw = (N + per_expert - 1) / per_expert;
-    nw = (nw + 15) / 16 * 16;
-    if (nw > NW) nw = NW;
-    int64_t l2 = (262144 / (K > 0 ? K : 1)) / 16 * 16;  /* a panel's weights (nw x K floats) <= 1 MiB */
-    if (nw > l2) nw = l2 > 16 ? l2 : 16;
-    const int64_t T = (N + nw - 1) / nw;
-    int64_t *items = malloc(sizeof(int64_t) * (size_t)(touched * T > 0 ? touched * T : 1));
-    if (!items) return -1;
-    int64_t n_items = 0;
-    for (int64_t e = 0; e < E; e++) {
-        int64_t lo = e ? offs[e - 1] : 0;
-        if (offs[e] > lo)
-            for (int64_t t = 0; t < T; t++) items[n_items++] = e * T + t;
-    }
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t i = 0; i < n_items; i++) {
-        int64_t e = items[i] / T, n0 = (items[i] % T) * nw;
-        int64_t width = N - n0 < nw ? N - n0 : nw;
-        int64_t lo = e ? offs[e - 1] : 0, hi = offs[e];
-        const float *wp = w + e * lde + n0;
-        /* first pass: the panel streams its weights from memory into L2 ... */
-        int rows = hi - lo < MR ? (int)(hi - lo) : MR;
-        PANELS[rows - 1](a + lo * lda, lda, wp, ldk, out + lo * ldo + n0, ldo, K, width);
-        /* ... later rows reread them from there in register tiles */
-        for (int64_t m = lo + rows; m < hi; m += MR) {
-            int r = hi - m < MR ? (int)(hi - m) : MR;
-            for (int64_t n = 0; n < width;) {
-                int wide = n + 64 <= width;
-                TILES[r - 1][wide](a + m * lda, lda, wp + n, ldk, out + m * ldo + n0 + n, ldo, K);
-                n += wide ? 64 : 16;
-            }
-        }
-    }
-    free(items);
-    return 0;
-}
-
-/* Dense: out[M, N] = a[M, K] @ W^T, W [N, K] K-major (element (n, k) at w + k * ldk + n). */
-int herd_linear_f32(const float *a, int64_t lda, const float *w, int64_t ldk, float *out, int64_t ldo,
-                    int64_t M, int64_t N, int64_t K, int num_threads) {
-    const int32_t offs[1] = {(int32_t)M};
-    return herd_grouped_gemm_f32(a, lda, w, 0, ldk, out, ldo, offs, 1, N, K, num_threads);
-}
+#define T uint16_t
+#define SUF bf16
+#include "gemm_body.h"
+#undef T
+#undef SUF
