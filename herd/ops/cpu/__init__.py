@@ -1,5 +1,6 @@
-"""herd's own CPU kernels (C, built on first use; see build.py), registered as torch operators
-(`torch.ops.herd.*`, with fake kernels) so eager code and torch.compile graphs call them alike.
+"""herd's own CPU kernels (C, built on first use, which load_model makes; see build.py),
+registered as torch operators (`torch.ops.herd.*`, with fake kernels) so eager code and
+torch.compile graphs call them alike.
 
 cpu_grouped_gemm: torch._grouped_mm's contract (a [M, K] rows sorted by expert, w [E, N, K],
 offs [E] int32 cumulative row ends; rows past offs[-1] left uninitialized) for fp32 or bf16

@@ -1,4 +1,5 @@
-"""Compile herd's C kernels with the system compiler on first use, and load them with ctypes.
+"""Compile herd's C kernels with the system compiler on first use (at model load), and load them
+with ctypes.
 
 The library is built for this machine (-march=native) and cached under the herd cache
 ($HERD_CACHE/kernels, else ~/.cache/herd/kernels), keyed by the source, the flags, the compiler
