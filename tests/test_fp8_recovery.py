@@ -379,12 +379,13 @@ def test_herd_calibrate_gptq_bakes_the_rounding_into_a_bf16_copy(amplified, tmp_
         s = inc_pow2_channel_scale(new[n], 448.0)
         assert torch.equal(dequantize_fp8(quantize_fp8(new[n].float(), s), s), new[n].float()), n
     assert os.path.isfile(rounded / "config.json") and os.path.isfile(rounded / "tokenizer.json")
-    # sequential Hessians: layer 1 follows an all-bf16 layer 0 (attention blocked, MLP kept) and
-    # sees the original inputs; layer 5 follows FP8 layers (rounded weights, static input scales)
-    seq_out = tmp_path / "calib-seq"
-    seq_args = args[:args.index("-o") + 1] + [str(seq_out)] + args[args.index("-o") + 2:]
-    assert herd_main(seq_args + ["--scale-method", "act_maxabs_hw_weights_pcs_maxabs_pow2",
-                                 "--gptq-inputs", "quantized"]) == 0
-    seq = load_file(str(seq_out / os.path.basename(amplified).lower() / "gptq-bf16" / "model.safetensors"))
-    assert torch.equal(seq["model.layers.1.mlp.gate_proj.weight"], new["model.layers.1.mlp.gate_proj.weight"])
-    assert not torch.equal(seq[name], new[name])
+    # sequential Hessians by default: layer 1 follows an all-bf16 layer 0 (attention blocked, MLP
+    # kept), so it sees the same inputs as in one pass over the original model; layer 5 follows
+    # FP8 layers (rounded weights, static input scales)
+    one_out = tmp_path / "calib-one-pass"
+    one_args = args[:args.index("-o") + 1] + [str(one_out)] + args[args.index("-o") + 2:]
+    assert herd_main(one_args + ["--scale-method", "act_maxabs_hw_weights_pcs_maxabs_pow2",
+                                 "--gptq-inputs", "original"]) == 0
+    one = load_file(str(one_out / os.path.basename(amplified).lower() / "gptq-bf16" / "model.safetensors"))
+    assert torch.equal(one["model.layers.1.mlp.gate_proj.weight"], new["model.layers.1.mlp.gate_proj.weight"])
+    assert not torch.equal(one[name], new[name])

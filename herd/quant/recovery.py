@@ -48,12 +48,12 @@ def add_bf16_arguments(parser: argparse.ArgumentParser) -> None:
                              "recipe's list")
 
 
-def add_gptq_inputs_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gptq-inputs", choices=("original", "quantized"), default="original",
-                        help="inputs GPTQ's Hessians are measured on: original (default; the unquantized model's, "
-                             "all layers in one pass) or quantized (one decoder layer at a time, on the states of "
-                             "the layers before it in FP8, as llm-compressor's sequential pipeline; 3-4x the time, "
-                             "no better on SmolLM2-135M: docs/eval.md)")
+def add_gptq_inputs_argument(parser: argparse.ArgumentParser, default: str, why: str) -> None:
+    parser.add_argument("--gptq-inputs", choices=("original", "quantized"), default=default,
+                        help="inputs GPTQ's Hessians are measured on: original (the unquantized model's, all layers "
+                             "in one pass) or quantized (one decoder layer at a time, on the states of the layers "
+                             f"before it in FP8, as llm-compressor's sequential pipeline; 3-4x the time); default "
+                             f"{default}: {why} (docs/eval.md)")
 
 
 @dataclass

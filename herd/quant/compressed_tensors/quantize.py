@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounding", choices=("gptq", "nearest"), default="nearest",
                         help="FP8 weight rounding: nearest (default) or gptq (each column's rounding error spread "
                              "over the others with Hessians from --calib-data; same format and scales)")
-    add_gptq_inputs_argument(parser)
+    add_gptq_inputs_argument(parser, "original", "quantized measured no better with per-token FP8 inputs")
     add_bf16_arguments(parser)
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB", help="output shard size (default 5GB)")
     parser.add_argument("--device", default="cpu", help="device for the observer math (e.g. cuda)")

@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gptq: round the weights onto INC's per-channel power-of-two FP8 grid with GPTQ error "
                              "feedback from the calibration prompts, in a bf16 copy <OUT>/<model>/gptq-bf16 that "
                              "is measured and served (needs a *_weights_pcs_maxabs_pow2 --scale-method)")
-    add_gptq_inputs_argument(parser)
+    add_gptq_inputs_argument(parser, "quantized", "it compensates part of what static input scales cost")
     static = [m.value for m in ScaleMethod if not PRESETS[m].dynamic]
     parser.add_argument("--scale-method", default="maxabs_hw", type=str.lower, choices=static, metavar="METHOD",
                         help="scale_method written into the QUANTIZE config (default: maxabs_hw); one of "
