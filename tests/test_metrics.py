@@ -65,8 +65,10 @@ def test_prefix_cache_and_iteration_tokens(server, client):
     # last sampled token of each completion
     assert d("vllm:iteration_tokens_total_sum") == 2 * n - (cached_first + hits) + 2 * (3 - 1)
     assert d("vllm:iteration_tokens_total_count") >= 2 * 3
-    # per-step gaps under vLLM's old and new names
-    assert d("vllm:time_per_output_token_seconds_count") == d("vllm:inter_token_latency_seconds_count") >= 2
+    # per-step gaps under vLLM's old and new names: one per output message after a request's
+    # first, so at most 2 per completion; fewer when a loaded front end receives steps coalesced
+    gaps = d("vllm:inter_token_latency_seconds_count")
+    assert d("vllm:time_per_output_token_seconds_count") == gaps and 1 <= gaps <= 2 * (3 - 1)
     fam = families(server)
     bounds = [s.labels["le"] for s in fam["vllm:iteration_tokens_total"].samples if s.name.endswith("_bucket")]
     vllm_buckets = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
