@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from herd.cli import main as herd_main
 from herd.model.loader import load_model
 from herd.quant.hessian import measure_hessians, measure_hessians_sequential
-from herd.quant.observers import dequantize_fp8, gptq_round, minmax_scale, quantize_fp8, quantize_weight
-from herd.quant.sensitivity import _fake_quant_per_token, keep_top, measure_layer_sensitivity, pick_sensitive
+from herd.quant.observers import (dequantize_fp8, fake_quantize_input, gptq_round, minmax_scale, quantize_fp8,
+                                  quantize_weight)
+from herd.quant.sensitivity import keep_top, measure_layer_sensitivity, pick_sensitive
 from tests.test_llama_dense import LLAMA_BASE, make_tiny_llama
 from tests.tiny_models import save_tiny_tokenizer
 
@@ -118,7 +119,7 @@ def test_sequential_hessians_are_measured_behind_the_quantized_layers(tmp_path):
         h = H[f"model.layers.0.{n}"]
         rows = {"self_attn.q_proj": [q, kv, kv], "mlp.gate_proj": [ffn, ffn]}.get(n, [mod.weight.shape[0]])
         mod.weight.data = torch.cat([_rtn(r, h) for r in torch.split(mod.weight.data, rows)])
-        hooks.append(mod.register_forward_pre_hook(lambda m, a: (_fake_quant_per_token(a[0]),)))
+        hooks.append(mod.register_forward_pre_hook(lambda m, a: (fake_quantize_input(a[0]),)))
     hooks.append(model.model.layers[1].self_attn.qkv_proj.register_forward_pre_hook(
         lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).clone())))
     for ids in seqs:

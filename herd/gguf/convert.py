@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from herd.hub.herd_cache import herd_cache_dir
 import torch
 from tqdm import tqdm
+
+from herd.hub.herd_cache import herd_cache_dir
 
 logger = logging.getLogger(__name__)
 CONVERTER_VERSION = 1

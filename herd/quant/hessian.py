@@ -73,15 +73,6 @@ def _part_rows(module) -> list[int]:
     return [module.out_local]
 
 
-def _fake_quant_input(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """The linear's input as FP8 activations give it: per token (scale None) or one static scale."""
-    from herd.quant.observers import fake_quantize_fp8
-
-    if scale is None:
-        scale = (x.abs().amax(dim=-1, keepdim=True).float() / 448.0).clamp(min=1e-12)
-    return fake_quantize_fp8(x.float(), scale.to(x.device)).to(x.dtype)
-
-
 @torch.no_grad()
 def measure_hessians_sequential(
     model: torch.nn.Module,
@@ -106,6 +97,7 @@ def measure_hessians_sequential(
     they get no Hessian. The model's weights are restored before returning."""
     from herd.model.layers import LinearBase
     from herd.quant.compressed_tensors.config import checkpoint_ffn_name, herd_to_hf_modules
+    from herd.quant.observers import fake_quantize_input
 
     if activations not in ("dynamic", "static"):
         raise ValueError(f"activations must be 'dynamic' or 'static', got {activations!r}")
@@ -157,7 +149,7 @@ def measure_hessians_sequential(
                 scale = (None if activations == "dynamic"
                          else (torch.stack(amax).max() / (448.0 * input_backoff)).clamp(min=1e-12))
                 hooks.append(mod.register_forward_pre_hook(
-                    lambda m, args, s=scale: (_fake_quant_input(args[0], s),) + tuple(args[1:])))
+                    lambda m, args, s=scale: (fake_quantize_input(args[0], s),) + tuple(args[1:])))
             try:
                 states = [layer(p, h, None) for p, h in zip(positions, states)]
             finally:

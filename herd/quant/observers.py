@@ -66,6 +66,14 @@ def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return dequantize_fp8(quantize_fp8(x, scale), scale.to(x.dtype))
 
 
+def fake_quantize_input(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear's input as FP8 activations give it: per token (`scale` None: each row's maxabs /
+    448), or with one static per-tensor scale (values past 448 * scale saturate)."""
+    if scale is None:
+        scale = (x.abs().amax(dim=-1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+    return fake_quantize_fp8(x.float(), scale.to(x.device)).to(x.dtype)
+
+
 def minmax_scale(w: torch.Tensor, strategy: str = "channel") -> torch.Tensor:
     lo, hi = _reduce_minmax(w, strategy)
     return scale_from_minmax(lo, hi)

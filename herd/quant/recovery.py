@@ -247,6 +247,15 @@ def inc_pow2_channel_scale(w: torch.Tensor, fmt_max: float, backoff: float = 0.5
     return pow2_ceil(torch.clamp(amax / (fmt_max * backoff), min=TINY_BF16)).float()
 
 
+def inc_gptq_rounded(w: torch.Tensor, hessian: torch.Tensor, fmt_max: float) -> torch.Tensor:
+    """`w` GPTQ-rounded onto the FP8 grid of INC's per-channel power-of-two scale, as float32 values
+    s_c * q (exact in bf16: q has 4 significant bits, s_c is a power of two)."""
+    from herd.quant.observers import dequantize_fp8, gptq_round
+
+    s = inc_pow2_channel_scale(w, fmt_max)
+    return dequantize_fp8(gptq_round(w.float(), s, hessian), s)
+
+
 def write_gptq_rounded_checkpoint(model_path: str, out_dir: str, hessians: dict[str, torch.Tensor],
                                   fmt_max: float = 448.0, progress: bool = True) -> list[str]:
     """Copy `model_path` to `out_dir` with every Linear weight that has a Hessian GPTQ-rounded onto
@@ -259,8 +268,6 @@ def write_gptq_rounded_checkpoint(model_path: str, out_dir: str, hessians: dict[
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm import tqdm
-
-    from herd.quant.observers import dequantize_fp8, gptq_round
 
     os.makedirs(out_dir, exist_ok=True)
     files = sorted(f for f in os.listdir(model_path) if f.endswith(".safetensors"))
@@ -279,9 +286,7 @@ def write_gptq_rounded_checkpoint(model_path: str, out_dir: str, hessians: dict[
                 t = f.get_tensor(name)
                 module = name[: -len(".weight")] if name.endswith(".weight") else None
                 if module in hessians and t.dim() == 2:
-                    s = inc_pow2_channel_scale(t, fmt_max)
-                    q = gptq_round(t.float(), s, hessians[module])
-                    t = dequantize_fp8(q, s).to(t.dtype)
+                    t = inc_gptq_rounded(t, hessians[module], fmt_max).to(t.dtype)
                     done.append(module)
                 tensors[name] = t.contiguous()
         save_file(tensors, os.path.join(out_dir, fn), metadata=metadata or {"format": "pt"})
@@ -299,7 +304,6 @@ def gptq_for_inc(model_path: str, prompts: list[str], out_dir: str, scale_method
     from herd.engine.tokenizer import get_tokenizer
     from herd.model.loader import load_model
     from herd.quant.hessian import measure_hessians, measure_hessians_sequential
-    from herd.quant.observers import dequantize_fp8, gptq_round
 
     if scale_method not in INC_GPTQ_SCALE_METHODS:
         raise ValueError(f"--rounding gptq needs a per-channel power-of-two weight scale method "
@@ -312,12 +316,8 @@ def gptq_for_inc(model_path: str, prompts: list[str], out_dir: str, scale_method
     try:
         hf_prefix = "language_model." if getattr(model.config, "multimodal", False) else ""
         if sequential:
-            def rounded(w, h):
-                s = inc_pow2_channel_scale(w, fmt_max)
-                return dequantize_fp8(gptq_round(w, s, h), s)
-
-            hessians = measure_hessians_sequential(model, seqs, rounded, wanted, hf_prefix, "static",
-                                                   input_backoff * fmt_max / 448.0, progress)
+            hessians = measure_hessians_sequential(model, seqs, lambda w, h: inc_gptq_rounded(w, h, fmt_max), wanted,
+                                                   hf_prefix, "static", input_backoff * fmt_max / 448.0, progress)
         else:
             hessians = measure_hessians(model, seqs, hf_prefix, progress)
         hessians = {n: h for n, h in hessians.items() if wanted(n)}

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from herd.quant.observers import fake_quantize_fp8, observe_weight_scale
+from herd.quant.observers import fake_quantize_fp8, fake_quantize_input, observe_weight_scale
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 SPREAD_FACTOR = 8.0   # a linear's input spread this many times the median linear's: kept in bf16
@@ -117,16 +117,6 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / 448.0).clamp(min=1e-12)
-    return fake_quantize_fp8(x.float(), scale).to(x.dtype)
-
-
-def _fake_quant_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # one scale for the whole tensor, as a static QUANT_CONFIG: values past 448 * scale saturate
-    return fake_quantize_fp8(x.float(), scale).to(x.dtype)
-
-
 class _InputAmax:
     """Context: records the maxabs of every given linear's input over the passes it is open for
     (what INC's MEASURE step writes for the node)."""
@@ -171,10 +161,10 @@ class _LayerInFp8:
             self.saved.append((mod, "weight", mod.weight.data))
             mod.weight.data = self._round(mod.weight.data)
             if self.input_scales is None:
-                hook = lambda m, args: (_fake_quant_per_token(args[0]),) + tuple(args[1:])  # noqa: E731
+                hook = lambda m, args: (fake_quantize_input(args[0]),) + tuple(args[1:])  # noqa: E731
             else:
                 scale = self.input_scales[mod]
-                hook = lambda m, args, s=scale: (_fake_quant_static(args[0], s.to(args[0].device)),) + tuple(args[1:])  # noqa: E731
+                hook = lambda m, args, s=scale: (fake_quantize_input(args[0], s),) + tuple(args[1:])  # noqa: E731
             self.hooks.append(mod.register_forward_pre_hook(hook))
         for moe in self.experts:
             for attr in ("w13_weight", "w2_weight"):
