@@ -46,8 +46,10 @@ def grouped_inputs(M, E, N, K, seed, idle=(), tail=0):
 
 @pytest.mark.parametrize("M,E,N,K", [
     (1, 1, 16, 8), (3, 4, 64, 7), (16, 16, 2048, 64), (40, 3, 80, 100), (64, 2, 576, 24),
-    (130, 5, 1040, 33), (7, 8, 512, 512)])
+    (130, 5, 1040, 33), (7, 8, 512, 512), (20, 2, 64, 40), (45, 1, 1072, 1024), (45, 1, 1072, 1025)])
 def test_grouped_gemm_matches_torch(M, E, N, K):
+    """Shapes reaching each path: one-row panels, panels + register tiles, and the strips of 5+
+    rows (16-, 32- and 48-column strips, partial 8-row blocks, K at and past the strips' limit)."""
     a, w, offs = grouped_inputs(M, E, N, K, seed=M + N)
     assert cpu_grouped_gemm_supported(a.dtype, w)
     out = torch.ops.herd.cpu_grouped_gemm(a, w, offs)
@@ -178,7 +180,7 @@ def paged_ref(q, k_cache, v_cache, phys, mask, scale):
 
 
 @pytest.mark.parametrize("B,H,Hkv,D,bs,W", [(1, 4, 4, 16, 16, 1), (5, 8, 2, 64, 16, 3), (3, 6, 2, 32, 128, 2),
-                                            (7, 5, 1, 128, 4, 9)])
+                                            (7, 5, 1, 128, 4, 9), (1, 9, 3, 64, 128, 3), (2, 40, 8, 128, 16, 5)])
 def test_paged_decode_matches_sdpa(B, H, Hkv, D, bs, W):
     """Windows start inside a block (chunked-local layers) and end at each sequence's own length;
     padded blocks point at block 0 and are masked; blocks are scattered in the cache."""
@@ -199,6 +201,30 @@ def test_paged_decode_matches_sdpa(B, H, Hkv, D, bs, W):
     assert cpu_paged_decode_supported(q, k_cache)
     out = torch.ops.herd.cpu_paged_decode(q, k_cache, v_cache, phys, mask, D ** -0.5)
     torch.testing.assert_close(out, paged_ref(q, k_cache, v_cache, phys, mask, D ** -0.5), **TOL)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_paged_decode_splits_windows_with_empty_parts(threads):
+    """Batch 1 cuts the window into splits combined afterwards (flash-decoding): splits with no
+    visible key (a chunked layer's window starting late, blocks past the sequence) add nothing;
+    a sequence with no visible key at all gives zeros, as the reference's empty softmax would not."""
+    g = torch.Generator().manual_seed(threads)
+    B, H, Hkv, D, bs, W = 3, 6, 2, 32, 16, 24
+    k_cache, v_cache = torch.randn(2, B * W + 1, bs, Hkv, D, generator=g).unbind(0)
+    q = torch.randn(B, H, D, generator=g)
+    phys = torch.arange(1, B * W + 1).view(B, W)
+    pos = torch.arange(W * bs)
+    mask = torch.stack([(pos >= 300) & (pos < 309), pos == 5, torch.zeros_like(pos, dtype=torch.bool)])
+    mask = mask[:, None, None, :]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.herd.cpu_paged_decode(q, k_cache, v_cache, phys, mask, D ** -0.5)
+    finally:
+        torch.set_num_threads(old)
+    ref = paged_ref(q[:2], k_cache, v_cache, phys[:2], mask[:2], D ** -0.5)
+    torch.testing.assert_close(out[:2], ref, **TOL)
+    assert torch.equal(out[2], torch.zeros(H, D))
 
 
 def test_paged_decode_compiles_with_a_dynamic_window():

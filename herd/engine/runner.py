@@ -16,6 +16,7 @@ from herd.model.loader import load_model
 from herd.attention.metadata import AttentionMetadata, CommonAttentionMetadata, KVGroupMetadata, group_chunks
 from herd.attention.selector import get_attn_backend
 from herd.multimodal.inputs import EncoderCache, multimodal_embeddings
+from herd.ops.cpu.memory import hugepage_zeros
 from herd.parallel.context import SINGLE, TPContext
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,12 @@ class ModelRunner:
             n = min(n, -(-self.hf_config.attention_chunk_size // self.block_size) + 1)
         return n
 
+    def _zeros(self, shape) -> torch.Tensor:
+        """A KV cache: on the CPU on 2 MiB pages (decode attention streams it, as it does the weights)."""
+        if self.device.type == "cpu":
+            return hugepage_zeros(shape, self.kv_dtype)
+        return torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+
     def allocate_kv_cache(self, num_blocks: dict[str, int]):
         attn0 = self.model.model.layers[0].self_attn.attn
         shape = (self.block_size, attn0.num_kv_heads, attn0.head_dim)
@@ -113,8 +120,7 @@ class ModelRunner:
         self.scratch_block = dict(num_blocks)
         for g in self.layer_groups:
             n = num_blocks[g] + 1
-            self.kv_caches.append((torch.zeros((n, *shape), dtype=self.kv_dtype, device=self.device),
-                                   torch.zeros((n, *shape), dtype=self.kv_dtype, device=self.device)))
+            self.kv_caches.append((self._zeros((n, *shape)), self._zeros((n, *shape))))
         if self.kv_scales is None:
             measured = getattr(self.quant, "kv_scales", None) or {}
             if self.config.cache.kv_cache_dtype == "fp8_inc" and not measured:

@@ -238,9 +238,31 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
     return model
 
 
-def _k_major(p: torch.nn.Parameter):
-    """The same logical [..., N, K] tensor stored K-major (last two strides (1, N))."""
-    p.data = p.data.transpose(-2, -1).contiguous().transpose(-2, -1)
+def _move_to_hugepages(moves: list[tuple[torch.nn.Parameter, bool]]):
+    """Copy each weight into one buffer on 2 MiB pages, K-major (the same logical [..., N, K]
+    tensor with last two strides (1, N)) where asked, row-major otherwise; one weight at a time,
+    so the old copies are freed as the new ones fill."""
+    from herd.ops.cpu.memory import hugepage_zeros
+    align = 64
+    seen: set[int] = set()
+    moves = [(p, k) for p, k in moves if not (id(p) in seen or seen.add(id(p)))]  # shared weights once
+    if not moves:
+        return
+    sizes = [-(-p.numel() * p.element_size() // align) * align for p, _ in moves]
+    arena = hugepage_zeros((sum(sizes),), torch.uint8)
+    offset = 0
+    for (p, k_major), size in zip(moves, sizes):
+        flat = arena[offset:offset + p.numel() * p.element_size()].view(p.dtype)
+        offset += size
+        if k_major:
+            *lead, N, K = p.shape
+            dst = flat.view(*lead, K, N)
+            dst.copy_(p.data.transpose(-2, -1))
+            p.data = dst.transpose(-2, -1)
+        else:
+            dst = flat.view(p.shape)
+            dst.copy_(p.data)
+            p.data = dst
 
 
 def relayout_for_cpu(model: torch.nn.Module):
@@ -248,25 +270,29 @@ def relayout_for_cpu(model: torch.nn.Module):
     herd's CPU kernels (herd/ops/cpu) stream each weight's [K, N] block in long contiguous runs
     at decode batch sizes, and torch's grouped GEMM also runs the experts faster that way than
     through the row-major layout's transposed view. Embeddings keep their rows contiguous (the
-    lm_head is its own tensor even when tied)."""
+    lm_head is its own tensor even when tied). Every weight moved here (bf16 dense linears keep
+    their layout but move too) lands in one buffer on 2 MiB pages (herd.ops.cpu.memory), since
+    a decode step streams all of them."""
     from herd.model.layers import LinearBase, ParallelLMHead, UnquantizedLinearMethod
     from herd.model.llama4 import FusedMoE
     from herd.ops.cpu import kernels_available
     kernel_dtypes = (torch.float32, torch.bfloat16)  # what herd's kernels read
     used = False
+    moves: list[tuple[torch.nn.Parameter, bool]] = []  # (weight, store K-major)
     for module in model.modules():
         if isinstance(module, FusedMoE):
             for name in ("w13_weight", "w2_weight"):
                 p = getattr(module, name)
                 if p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.dim() == 3 and p.stride(-1) == 1:
-                    _k_major(p)
+                    moves.append((p, True))
                     used |= p.dtype in kernel_dtypes
         elif isinstance(module, (LinearBase, ParallelLMHead)) and type(module.quant_method) is UnquantizedLinearMethod:
             p = module.weight
             # bf16 stays row-major (F.linear): torch's bf16 GEMM beats the kernel from a few rows
             # up, and runs slower on K-major weights; only bf16 experts take the kernel
-            if p.dtype == torch.float32 and p.dim() == 2 and p.stride(-1) == 1:
-                _k_major(p)
-                used = True
+            if p.dim() == 2 and p.stride(-1) == 1 and p.dtype in (torch.float32, torch.bfloat16):
+                moves.append((p, p.dtype == torch.float32))
+                used |= p.dtype == torch.float32
+    _move_to_hugepages(moves)
     if used:
         kernels_available()  # build (or find) the kernels now, while loading, not in the first step

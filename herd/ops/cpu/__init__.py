@@ -54,9 +54,11 @@ def cpu_linear_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def cpu_paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """fp32 query and cache (no FP8 KV) on the CPU, head dim a multiple of 16."""
+    """fp32 query and cache (no FP8 KV) on the CPU, head dim a multiple of 16 up to 256, at most
+    64 query heads (attention.c's limits)."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
-            and q.shape[-1] % 16 == 0 and k_cache.dim() == 4 and k_cache.stride(-1) == 1 and kernels_available())
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and q.shape[-2] <= 64 and k_cache.dim() == 4
+            and k_cache.stride(-1) == 1 and kernels_available())
 
 
 def _rows(a: torch.Tensor) -> torch.Tensor:

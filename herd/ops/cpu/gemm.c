@@ -27,6 +27,8 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 #define NW 512  /* output columns per panel: MR x NW accumulators (12 KiB) stay in L1 */
 #define KS 8    /* weight rows per step: 8 streams, and accumulators touched once per 8 rows */
 #define MR 6    /* token rows per pass over a panel's weights */
+#define STRIP_MIN 5       /* rows of one expert from which strips beat the panel + tiles */
+#define STRIP_MAX_K 1024  /* two strips' weights (48 x K each) stay well inside L2 */
 
 static inline v16 load16_f32(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16_f32(float *p, v16 v) { memcpy(p, &v, sizeof v); }

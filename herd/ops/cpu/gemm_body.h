@@ -71,6 +71,52 @@ static void (*const FN(TILES)[MR][2])(const T *, int64_t, const T *, int64_t, T 
 static void (*const FN(PANELS)[MR])(const T *, int64_t, const T *, int64_t, T *, int64_t, int64_t, int64_t) = {
     FN(panel_1), FN(panel_2), FN(panel_3), FN(panel_4), FN(panel_5), FN(panel_6)};
 
+/* Strips, for experts / linears with STRIP_MIN rows or more: up to 8 rows x 16 * NV columns over
+   the whole K in registers, the weights read straight from memory by the first 8 rows and from
+   L2 by the rest, while the first rows' pass also prefetches the next strip's weights (pf), so
+   that reading memory and arithmetic overlap instead of taking turns. */
+#define STRIP(NV)                                                                             \
+static void FN(strip_##NV)(int rows, const T *a, int64_t lda, const T *w, int64_t ldk,       \
+                           T *out, int64_t ldo, int64_t K, const T *pf) {                     \
+    v16 acc[8][NV];                                                                           \
+    _Pragma("GCC unroll 8") for (int m = 0; m < 8; m++)                                      \
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) acc[m][v] = (v16){0};           \
+    for (int64_t k = 0; k < K; k++) {                                                         \
+        const T *wk = w + k * ldk;                                                            \
+        if (pf)                                                                               \
+            _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++)                             \
+                __builtin_prefetch(pf + k * ldk + 16 * v);                                    \
+        v16 wv[NV];                                                                           \
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) wv[v] = LOAD16(wk + 16 * v);    \
+        _Pragma("GCC unroll 8") for (int m = 0; m < 8; m++) {                                \
+            if (m < rows) {                                                                   \
+                float x = GET(a + m * lda + k);                                               \
+                _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) acc[m][v] += wv[v] * x; \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    for (int m = 0; m < rows; m++)                                                            \
+        for (int v = 0; v < NV; v++) STORE16(out + m * ldo + 16 * v, acc[m][v]);             \
+}
+STRIP(1) STRIP(2) STRIP(3)
+static void (*const FN(STRIPS)[3])(int, const T *, int64_t, const T *, int64_t, T *, int64_t, int64_t,
+                                   const T *) = {FN(strip_1), FN(strip_2), FN(strip_3)};
+
+/* Columns n0 .. n0 + width (width % 16 == 0) of rows lo .. hi of one expert, in strips of 48
+   columns (a 16- or 32-column one at the end); next: where the following work item's weights
+   start (prefetched during the last strip), or NULL. */
+static void FN(strips)(const T *a, int64_t lda, const T *wp, int64_t ldk, T *out, int64_t ldo,
+                       int64_t lo, int64_t hi, int64_t width, int64_t K, const T *next) {
+    for (int64_t n = 0; n < width; n += 48) {
+        const int64_t nv = width - n >= 48 ? 3 : (width - n) / 16;
+        const T *pf = n + 48 < width ? wp + n + 48 : next;
+        for (int64_t m = lo; m < hi; m += 8) {
+            const int r = hi - m < 8 ? (int)(hi - m) : 8;
+            FN(STRIPS)[nv - 1](r, a + m * lda, lda, wp + n, ldk, out + m * ldo + n, ldo, K, m == lo ? pf : NULL);
+        }
+    }
+}
+
 /* Returns 0, or -1 when N is not a multiple of 16 or memory runs out. */
 int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int64_t ldk,
                           T *out, int64_t ldo, const int32_t *offs, int64_t E, int64_t N,
@@ -81,10 +127,18 @@ int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int6
     /* panel width: NW, or narrower so that there are at least 4 panels per thread */
     int64_t per_expert = (4 * num_threads + touched - 1) / (touched ? touched : 1);
     int64_t nw = (N + per_expert - 1) / per_expert;
-    nw = (nw + 15) / 16 * 16;
-    if (nw > NW) nw = NW;
-    int64_t l2 = (int64_t)(1048576 / sizeof(T)) / (K > 0 ? K : 1) / 16 * 16;  /* nw x K weights <= 1 MiB */
-    if (nw > l2) nw = l2 > 16 ? l2 : 16;
+    /* whole 48-column strips when some expert has rows enough for them, else 16 columns */
+    int64_t most = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t r = offs[e] - (e ? offs[e - 1] : 0);
+        if (r > most) most = r;
+    }
+    const int64_t q = most >= STRIP_MIN && K <= STRIP_MAX_K ? 48 : 16;
+    nw = (nw + q - 1) / q * q;
+    if (nw > NW) nw = NW / q * q;
+    int64_t l2 = (int64_t)(1048576 / sizeof(T)) / (K > 0 ? K : 1) / q * q;  /* nw x K weights <= 1 MiB */
+    if (nw > l2) nw = l2 > q ? l2 : q;
+    if (nw > N) nw = N;
     const int64_t T_ = (N + nw - 1) / nw;
     int64_t *items = malloc(sizeof(int64_t) * (size_t)(touched * T_ > 0 ? touched * T_ : 1));
     if (!items) return -1;
@@ -100,6 +154,15 @@ int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int6
         int64_t width = N - n0 < nw ? N - n0 : nw;
         int64_t lo = e ? offs[e - 1] : 0, hi = offs[e];
         const T *wp = w + e * lde + n0;
+        if (hi - lo >= STRIP_MIN && K <= STRIP_MAX_K) {
+            const T *next = NULL;
+            if (i + 1 < n_items) {
+                const int64_t e1 = items[i + 1] / T_, n1 = (items[i + 1] % T_) * nw;
+                next = w + e1 * lde + n1;
+            }
+            FN(strips)(a, lda, wp, ldk, out + n0, ldo, lo, hi, width, K, next);
+            continue;
+        }
         /* first pass: the panel streams its weights from memory into L2 ... */
         int rows = hi - lo < MR ? (int)(hi - lo) : MR;
         FN(PANELS)[rows - 1](a + lo * lda, lda, wp, ldk, out + lo * ldo + n0, ldo, K, width);
@@ -125,6 +188,7 @@ int FN(herd_linear)(const T *a, int64_t lda, const T *w, int64_t ldk, T *out, in
 }
 
 #undef PANEL
+#undef STRIP
 #undef TILE
 #undef TILES_OF
 #undef FN
