@@ -3,8 +3,9 @@
 With transparent huge pages in `madvise` mode (the usual default), torch's allocations get 4 KiB
 pages: a weight read streams across a page boundary every 64 cache lines, where the hardware
 prefetchers stop and a TLB miss follows. An anonymous mapping asked for huge pages
-(madvise(MADV_HUGEPAGE)) reads the same weights 0-10% faster here (measured in
-benchmarks/cpu_kernels.py's setting). Where huge pages are unavailable, the mapping is ordinary
+(madvise(MADV_HUGEPAGE)) reads the same weights 0-10% faster on the benchmark machine (SmolLM2's
+121 linears at batch 1, the two layouts alternating in one process: 13.7 vs 14.3 ms, median of
+30). Where huge pages are unavailable, the mapping is ordinary
 memory; the contents are zero either way (fresh anonymous memory), and pages are only backed
 when first written.
 """
