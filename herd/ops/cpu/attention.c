@@ -2,8 +2,9 @@
 
    One query token per sequence; its visible keys are the positions j of its window (block
    phys[b, j / bs], offset j % bs) where mask[b, j] is set. Keys and values are read in place
-   from the cache, never gathered into a padded copy; every query head of a KV head shares one
-   pass over that head's keys (GQA). Softmax in fp32 with a vectorized exp.
+   from the cache, never gathered into a padded copy; each pass over a token's keys serves every
+   query head (GQA: a KV head's keys are read once for its query heads). Softmax in fp32 with a
+   vectorized exp.
 
    Work items are (sequence, split of its window), all heads at once, so that each item reads
    its tokens' keys and values in memory order (a token's KV heads are adjacent in the cache;
@@ -133,8 +134,7 @@ int herd_paged_decode_f32(const float *q, int64_t ldq, const float *k_cache, con
     if (splits > max_splits) splits = max_splits;
     if (splits < 1) splits = 1;
     const int64_t span = ((L + splits - 1) / splits + 15) / 16 * 16;
-    splits = span > 0 ? (L + span - 1) / span : 1;
-    if (splits < 1) splits = 1;
+    splits = span > 0 ? (L + span - 1) / span : 1;  /* rounding span up may leave fewer */
     const int64_t items = B * splits, part = H * (D + 2);
     float *parts = splits > 1 ? malloc(sizeof(float) * (size_t)(items * part)) : NULL;
     if (splits > 1 && !parts) return -1;

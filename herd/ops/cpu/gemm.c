@@ -7,8 +7,10 @@
    some). At a few rows the work is reading the weights, so a panel's first pass streams them:
    KS weight rows per step (KS runs of contiguous values) added into accumulators that stay in
    L1. That pass leaves the panel's weights (at most 1 MiB) in L2, and the rows after the first MR
-   reread them from there in register tiles, where arithmetic is the limit. Rows past offs[E-1]
-   are not written.
+   reread them from there in register tiles, where arithmetic is the limit. An expert with
+   STRIP_MIN rows or more (K up to STRIP_MAX_K) goes through strips instead: 8 rows x 48 columns
+   over the whole K in registers, whose first rows' pass prefetches the next strip's weights, so
+   reading memory and arithmetic overlap. Rows past offs[E-1] are not written.
 
    gemm_body.h holds the kernels; it is included once per element type: float32, and bfloat16
    (activations, weights and output; each value widens exactly to float32, the sums are float32
@@ -29,6 +31,9 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 #define MR 6    /* token rows per pass over a panel's weights */
 #define STRIP_MIN 5       /* rows of one expert from which strips beat the panel + tiles */
 #define STRIP_MAX_K 1024  /* two strips' weights (48 x K each) stay well inside L2 */
+
+/* Whether an expert's rows go through strips (gemm_body.h) rather than a panel and tiles. */
+static inline int use_strips(int64_t rows, int64_t K) { return rows >= STRIP_MIN && K <= STRIP_MAX_K; }
 
 static inline v16 load16_f32(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16_f32(float *p, v16 v) { memcpy(p, &v, sizeof v); }

@@ -122,18 +122,17 @@ int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int6
                           T *out, int64_t ldo, const int32_t *offs, int64_t E, int64_t N,
                           int64_t K, int num_threads) {
     if (N % 16 != 0 || num_threads < 1) return -1;
-    int64_t touched = 0;
-    for (int64_t e = 0; e < E; e++) touched += offs[e] > (e ? offs[e - 1] : 0);
+    int64_t touched = 0, most = 0;  /* experts with rows, and the most rows of one */
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t r = offs[e] - (e ? offs[e - 1] : 0);
+        touched += r > 0;
+        if (r > most) most = r;
+    }
     /* panel width: NW, or narrower so that there are at least 4 panels per thread */
     int64_t per_expert = (4 * num_threads + touched - 1) / (touched ? touched : 1);
     int64_t nw = (N + per_expert - 1) / per_expert;
     /* whole 48-column strips when some expert has rows enough for them, else 16 columns */
-    int64_t most = 0;
-    for (int64_t e = 0; e < E; e++) {
-        const int64_t r = offs[e] - (e ? offs[e - 1] : 0);
-        if (r > most) most = r;
-    }
-    const int64_t q = most >= STRIP_MIN && K <= STRIP_MAX_K ? 48 : 16;
+    const int64_t q = use_strips(most, K) ? 48 : 16;
     nw = (nw + q - 1) / q * q;
     if (nw > NW) nw = NW / q * q;
     int64_t l2 = (int64_t)(1048576 / sizeof(T)) / (K > 0 ? K : 1) / q * q;  /* nw x K weights <= 1 MiB */
@@ -154,7 +153,7 @@ int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int6
         int64_t width = N - n0 < nw ? N - n0 : nw;
         int64_t lo = e ? offs[e - 1] : 0, hi = offs[e];
         const T *wp = w + e * lde + n0;
-        if (hi - lo >= STRIP_MIN && K <= STRIP_MAX_K) {
+        if (use_strips(hi - lo, K)) {
             const T *next = NULL;
             if (i + 1 < n_items) {
                 const int64_t e1 = items[i + 1] / T_, n1 = (items[i + 1] % T_) * nw;
