@@ -83,7 +83,6 @@ def measure_hessians_sequential(
     activations: str = "dynamic",
     input_backoff: float = 0.25,
     progress: bool = True,
-    targets: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Like `measure_hessians`, but one decoder layer at a time, each measured on the hidden states
     that the layers before it give once they are in FP8 (as llm-compressor's sequential pipeline
@@ -95,15 +94,7 @@ def measure_hessians_sequential(
     fake-quantized weight the export will write, one checkpoint module's rows at a time) and FP8
     inputs (per token for `activations="dynamic"`, or a static scale maxabs / (448 * input_backoff)
     from these states), and the states go through it. Routed experts keep full precision here, as
-    they get no Hessian. The model's weights are restored before returning.
-
-    `targets` (a dict to fill) asks for the asymmetric form: the unquantized model's states run
-    alongside, and each FP8 Linear's target is its original output W x on them instead of W x~ on
-    the quantized states x~. The least-squares weight for that target,
-    W* = W + W (C - H) (H + damp)^-1 with C = E[x (fq x~)^T] and H = E[fq x~ (fq x~)^T] (fq: the
-    linear's own FP8 input rounding), goes into `targets` per checkpoint module; GPTQ then rounds W*
-    under H, which splits the error exactly into the part W* cannot undo and its rounding's.
-    H is then measured on the FP8-rounded inputs."""
+    they get no Hessian. The model's weights are restored before returning."""
     from herd.model.layers import LinearBase
     from herd.quant.compressed_tensors.config import checkpoint_ffn_name, herd_to_hf_modules
     from herd.quant.observers import fake_quantize_input
@@ -119,7 +110,6 @@ def measure_hessians_sequential(
     positions = [torch.arange(s.numel(), device=device) for s in seqs]
     names = {m: n for n, m in model.named_modules()}
     states = [model.model.embed_tokens(s) for s in seqs]
-    fp_states = list(states)                  # the unquantized model's, for the asymmetric form
     out: dict[str, torch.Tensor] = {}
     saved: list[tuple[torch.nn.Module, torch.Tensor]] = []
     try:
@@ -134,18 +124,13 @@ def measure_hessians_sequential(
                 acc.add(args[0])
                 amax.append(args[0].detach().abs().amax().float())
 
-            cross = None
-            if targets is None:
-                hooks = [mod.register_forward_pre_hook(record) for mod in linears]
-                try:
-                    for p, h in zip(positions, states):
-                        layer(p, h, None)
-                finally:
-                    for hook in hooks:
-                        hook.remove()
-            else:
-                cross, fp_states = _measure_asymmetric(layer, linears, positions, fp_states, states,
-                                                       activations, input_backoff)
+            hooks = [mod.register_forward_pre_hook(record) for mod in linears]
+            try:
+                for p, h in zip(positions, states):
+                    layer(p, h, None)
+            finally:
+                for hook in hooks:
+                    hook.remove()
             hooks = []
             for mod, (hf_names, acc, amax) in linears.items():
                 if not acc.count:
@@ -157,10 +142,6 @@ def measure_hessians_sequential(
                     continue
                 w = mod.weight.data
                 rows = torch.split(w.float(), _part_rows(mod), dim=0)
-                if cross is not None:
-                    rows = torch.split(least_squares_weight(w.float(), cross[mod] / acc.count, H),
-                                       _part_rows(mod), dim=0)
-                    targets.update(zip(hf_names, rows))
                 new = torch.empty_like(w)
                 new.copy_(torch.cat([round_weight(r, H) for r in rows]).to(w.dtype))
                 saved.append((mod, w))
@@ -178,61 +159,3 @@ def measure_hessians_sequential(
         for mod, w in saved:
             mod.weight.data = w
     return out
-
-
-def least_squares_weight(w: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor,
-                         damp: float = 0.01) -> torch.Tensor:
-    """argmin_V E||W x - V x~||^2 for `w` [out, in], `cross` = E[x x~^T] and `hessian` = E[x~ x~^T],
-    as W + W (C - H) (H + damp * mean(diag H) I)^-1: exactly W when x~ = x, and the damping (as
-    GPTQ's) only shrinks the correction."""
-    H = hessian.double()
-    n = H.shape[0]
-    L = torch.linalg.cholesky(H + damp * torch.diag(H).mean().clamp(min=1e-20) * torch.eye(n, dtype=H.dtype))
-    delta = torch.cholesky_solve((cross.double() - H).T, L).T   # (C - H) (H + damp)^-1
-    return (w.double() + w.double() @ delta).to(w.dtype)
-
-
-def _measure_asymmetric(layer, linears, positions, fp_states, states, activations: str, input_backoff: float):
-    """One decoder layer's moments for the asymmetric form: H = E[fq x~ (fq x~)^T] into each
-    linear's accumulator and C = E[x (fq x~)^T] (returned per module), pairing each linear's input
-    on the unquantized states x with the same tokens' x~ on the quantized ones. Returns C and the
-    unquantized states after the layer."""
-    from herd.quant.observers import fake_quantize_input
-
-    scales: dict = {}
-    if activations == "static":  # the scale fq uses is the maxabs over all tokens: one pass first
-        hooks = [mod.register_forward_pre_hook(
-            lambda m, args: linears[m][2].append(args[0].detach().abs().amax().float())) for mod in linears]
-        try:
-            for p, h in zip(positions, states):
-                layer(p, h, None)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        scales = {m: (torch.stack(a).max() / (448.0 * input_backoff)).clamp(min=1e-12)
-                  for m, (_, _, a) in linears.items() if a}
-    cross = {m: torch.zeros(m.weight.shape[1], m.weight.shape[1]) for m in linears}
-    stash: dict = {}
-    side = {"fp": True}
-
-    def record(mod, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
-        if side["fp"]:
-            stash[mod] = x
-            return
-        xq = fake_quantize_input(x, scales.get(mod))
-        linears[mod][1].add(xq)
-        cross[mod].addmm_(stash.pop(mod).T, xq)
-
-    hooks = [mod.register_forward_pre_hook(record) for mod in linears]
-    new_fp = []
-    try:
-        for p, h_fp, h in zip(positions, fp_states, states):
-            side["fp"] = True
-            new_fp.append(layer(p, h_fp, None))
-            side["fp"] = False
-            layer(p, h, None)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return cross, new_fp

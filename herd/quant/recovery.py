@@ -48,16 +48,11 @@ def add_bf16_arguments(parser: argparse.ArgumentParser) -> None:
                              "recipe's list")
 
 
-GPTQ_INPUTS = ("original", "quantized", "asymmetric")
-
-
 def add_gptq_inputs_argument(parser: argparse.ArgumentParser, default: str, why: str) -> None:
-    parser.add_argument("--gptq-inputs", choices=GPTQ_INPUTS, default=default,
+    parser.add_argument("--gptq-inputs", choices=("original", "quantized"), default=default,
                         help="inputs GPTQ's Hessians are measured on: original (the unquantized model's, all layers "
-                             "in one pass), quantized (one decoder layer at a time, on the states of the layers "
-                             "before it in FP8, as llm-compressor's sequential pipeline; 3-4x the time) or "
-                             "asymmetric (as quantized, and each weight first fitted to reproduce the unquantized "
-                             f"model's outputs from the quantized inputs, as GPTAQ; 5-6x the time); default "
+                             "in one pass) or quantized (one decoder layer at a time, on the states of the layers "
+                             f"before it in FP8, as llm-compressor's sequential pipeline; 3-4x the time); default "
                              f"{default}: {why} (docs/eval.md)")
 
 
@@ -65,7 +60,6 @@ def add_gptq_inputs_argument(parser: argparse.ArgumentParser, default: str, why:
 class RecoveryPlan:
     sensitivity: Sensitivity | None = None
     hessians: dict[str, torch.Tensor] | None = None
-    weights: dict[str, torch.Tensor] | None = None   # asymmetric GPTQ: the fitted weights to round
     note: str = ""                                   # why nothing was measured, if so
     text: str = ""                                   # what the measurement ran on
     hf_config: object = None                         # herd's config of the measured model
@@ -139,14 +133,13 @@ def default_sequences(model_path: str) -> list[list[int]]:
 def plan(model_path: str, is_quantized: Callable[[str], bool], bf16_layers: str | int,
          sequences: list[list[int]] | None, text: str, gptq: bool = False, strategy: str = "channel",
          observer: str = "minmax", device: str = "cpu", progress: bool = True,
-         activations: str = "dynamic", input_backoff: float = 0.25, gptq_inputs: str = "original",
+         activations: str = "dynamic", input_backoff: float = 0.25, sequential: bool = False,
          weight_observer: str = "mse", static_inputs: bool = False) -> RecoveryPlan:
     """Measure what is asked: per-layer sensitivity (unless `bf16_layers` is "none" or 0, or "auto"
-    on a large checkpoint) and, with `gptq`, the Hessians (`sequences` required). `gptq_inputs` "quantized": each
+    on a large checkpoint) and, with `gptq`, the Hessians (`sequences` required). `sequential`: each
     layer's Hessians on the states of the layers before it in FP8 (their weights rounded as the
     export will, with `strategy` / `weight_observer` scales; inputs per token, or with
-    `static_inputs` one scale amax / 448 per linear, as compressed-tensors' static scheme), or also
-    their fitted weights with `gptq_inputs` "asymmetric" (herd.quant.hessian)."""
+    `static_inputs` one scale amax / 448 per linear, as compressed-tensors' static scheme)."""
     from herd.model.loader import load_model
 
     out = RecoveryPlan(text=text)
@@ -180,15 +173,10 @@ def plan(model_path: str, is_quantized: Callable[[str], bool], bf16_layers: str 
 
             kept = set(out.kept_modules())
             wanted = lambda n: is_quantized(n) and n not in kept  # noqa: E731
-            if gptq_inputs not in GPTQ_INPUTS:
-                raise ValueError(f"gptq_inputs must be one of {GPTQ_INPUTS}, got {gptq_inputs!r}")
-            if gptq_inputs != "original":
+            if sequential:
                 rounded = lambda w, h: dequantize_fp8(*quantize_weight(w, strategy, weight_observer, h))  # noqa: E731
-                targets = {} if gptq_inputs == "asymmetric" else None
                 hessians = measure_hessians_sequential(model, sequences, rounded, wanted, hf_prefix,
-                                                       "static" if static_inputs else "dynamic", 1.0, progress,
-                                                       targets)
-                out.weights = targets
+                                                       "static" if static_inputs else "dynamic", 1.0, progress)
             else:
                 hessians = measure_hessians(model, sequences, hf_prefix, progress)
             out.hessians = {n: h for n, h in hessians.items() if wanted(n)}
@@ -269,14 +257,12 @@ def inc_gptq_rounded(w: torch.Tensor, hessian: torch.Tensor, fmt_max: float) -> 
 
 
 def write_gptq_rounded_checkpoint(model_path: str, out_dir: str, hessians: dict[str, torch.Tensor],
-                                  fmt_max: float = 448.0, progress: bool = True,
-                                  weights: dict[str, torch.Tensor] | None = None) -> list[str]:
+                                  fmt_max: float = 448.0, progress: bool = True) -> list[str]:
     """Copy `model_path` to `out_dir` with every Linear weight that has a Hessian GPTQ-rounded onto
     the FP8 grid of INC's per-channel power-of-two scale: w' = s_c * q, exact in bf16 (q has 4
     significant bits, s_c is a power of two). INC's QUANTIZE step then recomputes a power-of-two
     scale from w' (s_c or a neighbouring power of two) and gets back exactly q, so the files INC
-    reads and writes stay standard. `weights` (asymmetric GPTQ): fitted weights rounded in place of
-    the checkpoint's. Returns the rounded module names."""
+    reads and writes stay standard. Returns the rounded module names."""
     import shutil
 
     from safetensors import safe_open
@@ -300,8 +286,7 @@ def write_gptq_rounded_checkpoint(model_path: str, out_dir: str, hessians: dict[
                 t = f.get_tensor(name)
                 module = name[: -len(".weight")] if name.endswith(".weight") else None
                 if module in hessians and t.dim() == 2:
-                    w = (weights or {}).get(module, t)
-                    t = inc_gptq_rounded(w, hessians[module], fmt_max).to(t.dtype)
+                    t = inc_gptq_rounded(t, hessians[module], fmt_max).to(t.dtype)
                     done.append(module)
                 tensors[name] = t.contiguous()
         save_file(tensors, os.path.join(out_dir, fn), metadata=metadata or {"format": "pt"})
@@ -310,10 +295,10 @@ def write_gptq_rounded_checkpoint(model_path: str, out_dir: str, hessians: dict[
 
 def gptq_for_inc(model_path: str, prompts: list[str], out_dir: str, scale_method: str, device: str,
                  progress: bool = True, skip: list[str] = (), keep: list[str] = (), input_backoff: float = 0.25,
-                 gptq_inputs: str = "original") -> str:
+                 sequential: bool = False) -> str:
     """`herd calibrate --rounding gptq`: Hessians from the calibration prompts, then the rounded
     bf16 copy that the MEASURE step and serving use. Modules that stay bf16 (blocklist regexes
-    `skip`, checkpoint names `keep`) keep their weights. `gptq_inputs` "quantized": each layer's Hessians on the
+    `skip`, checkpoint names `keep`) keep their weights. `sequential`: each layer's Hessians on the
     states of the layers before it in FP8 (rounded weights, static input scales maxabs / (fullscale
     * `input_backoff`)). Returns the copy's folder."""
     from herd.engine.tokenizer import get_tokenizer
@@ -330,20 +315,15 @@ def gptq_for_inc(model_path: str, prompts: list[str], out_dir: str, scale_method
     model = load_model(model_path, dtype=torch.float32)
     try:
         hf_prefix = "language_model." if getattr(model.config, "multimodal", False) else ""
-        weights = None
-        if gptq_inputs not in GPTQ_INPUTS:
-            raise ValueError(f"gptq_inputs must be one of {GPTQ_INPUTS}, got {gptq_inputs!r}")
-        if gptq_inputs != "original":
-            weights = {} if gptq_inputs == "asymmetric" else None
+        if sequential:
             hessians = measure_hessians_sequential(model, seqs, lambda w, h: inc_gptq_rounded(w, h, fmt_max), wanted,
-                                                   hf_prefix, "static", input_backoff * fmt_max / 448.0, progress,
-                                                   weights)
+                                                   hf_prefix, "static", input_backoff * fmt_max / 448.0, progress)
         else:
             hessians = measure_hessians(model, seqs, hf_prefix, progress)
         hessians = {n: h for n, h in hessians.items() if wanted(n)}
     finally:
         del model
         gc.collect()
-    done = write_gptq_rounded_checkpoint(model_path, out_dir, hessians, fmt_max, progress, weights)
+    done = write_gptq_rounded_checkpoint(model_path, out_dir, hessians, fmt_max, progress)
     print(f"GPTQ-rounded {len(done)} Linear weights onto the FP8 grid of {scale_method}: {out_dir}")
     return out_dir

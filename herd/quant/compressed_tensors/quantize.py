@@ -101,7 +101,7 @@ def _accuracy_plan(args, ignore: list[str]):
     scheme = fp8_scheme(args.scheme, args.observer)
     return plan(args.model, lambda name: not is_ignored(name, ignore), args.bf16_layers, seqs, text,
                 gptq=args.rounding == "gptq", strategy=scheme.weights.strategy, device=args.device,
-                progress=not args.no_progress, gptq_inputs=args.gptq_inputs,
+                progress=not args.no_progress, sequential=args.gptq_inputs == "quantized",
                 weight_observer=args.observer, static_inputs=scheme.static_input)
 
 
@@ -130,7 +130,7 @@ def run(args) -> int:
         result = quantize_checkpoint(
             args.model, args.output, scheme=args.scheme, ignore=ignore, observer=args.observer,
             input_amax=_input_amax(args), max_shard_bytes=args.max_shard_size, device=args.device,
-            progress=not args.no_progress, hessians=accuracy.hessians, weights=accuracy.weights,
+            progress=not args.no_progress, hessians=accuracy.hessians,
         )
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"herd quantize: error: {err}", file=sys.stderr)

@@ -183,7 +183,6 @@ def quantize_checkpoint(
     device: str | torch.device = "cpu",
     progress: bool = True,
     hessians: dict[str, torch.Tensor] | None = None,
-    weights: dict[str, torch.Tensor] | None = None,
 ) -> QuantizeResult:
     """Write an FP8 compressed-tensors copy of the HF checkpoint at `model_path` to `output_path`.
 
@@ -193,8 +192,6 @@ def quantize_checkpoint(
     `ignore`: exact module names or `re:` regexes (re.match) of Linears to keep unquantized.
     `hessians`: HF module name -> calibration H = E[x x^T] (herd.quant.hessian); those weights are
     rounded with GPTQ error feedback instead of to nearest (same scales, same format).
-    `weights`: HF module name -> fitted float weight (asymmetric GPTQ) quantized in place of the
-    checkpoint's.
     """
     fp8 = fp8_scheme(scheme, observer)
     if observer not in OBSERVERS:
@@ -235,7 +232,6 @@ def quantize_checkpoint(
                         result.ignored.append(out_name)
                         writer.add(out_name + ".weight", tensor)
                         continue
-                    tensor = (weights or {}).get(out_name, tensor)
                     q, scale = quantize_weight(tensor.to(device), fp8.weights.strategy, observer,
                                                (hessians or {}).get(out_name))
                     writer.add(out_name + ".weight", q)

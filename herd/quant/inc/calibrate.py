@@ -357,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
             args.model = gptq_for_inc(args.model, prompts, str(model_root / "gptq-bf16"), args.scale_method,
                                       args.device, skip=args.blocklist_names, keep=kept.kept_modules(),
                                       input_backoff=method.activation.backoff,
-                                      gptq_inputs=args.gptq_inputs)
+                                      sequential=args.gptq_inputs == "quantized")
         eager = {"enforce_eager": True} if getattr(args, "enforce_eager", False) else {}
         measure(args.model, prompts, measure_cfg, args.batch_size, args.tensor_parallel_size,
                 args.max_model_len, args.dtype, **eager)
