@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import herd.ops.moe as moe
-from herd.ops.cpu import (CPU_LINEAR_MAX_ROWS, cpu_grouped_gemm_supported, cpu_linear_supported,
-                          kernels_available)
+from herd.ops.cpu import (CPU_LINEAR_MAX_ROWS, cpu_grouped_gemm_supported, cpu_linear_supported, k_major,
+                          k_major_stride, kernels_available)
 from herd.ops.cpu.build import load_library
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -24,8 +24,31 @@ def grouped_ref(a, w, offs):
     return out
 
 
-def k_major(w: torch.Tensor) -> torch.Tensor:
+def dense_k_major(w: torch.Tensor) -> torch.Tensor:
+    """K-major without the loader's row padding (k_major: what the loader stores)."""
     return w.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
+def test_k_rows_are_padded_to_an_odd_number_of_cache_lines():
+    assert k_major_stride(2048, 4) == 2064 and k_major_stride(2048, 2) == 2080   # 128 / 64 lines -> one more
+    assert k_major_stride(1040, 4) == 1040 and k_major_stride(960, 4) == 976     # 65 lines kept; 60 -> 61
+    assert k_major_stride(8, 4) == 16 and k_major_stride(24, 4) == 48             # whole lines, odd counts
+    w = torch.randn(3, 2048, 40)
+    kw = k_major(w)
+    assert kw.stride() == (40 * 2064, 1, 2064) and torch.equal(kw, w)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 64])
+def test_kernels_take_any_k_row_stride(rows):
+    """The same products from the loader's padded K rows and from dense K-major ones."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g)
+    w = torch.randn(1024, 96, generator=g) * 96 ** -0.5
+    padded, dense = k_major(w), dense_k_major(w)
+    assert padded.stride(1) != dense.stride(1)
+    out = torch.ops.herd.cpu_linear(x, padded)
+    torch.testing.assert_close(out, F.linear(x, w), **TOL)
+    torch.testing.assert_close(torch.ops.herd.cpu_linear(x, dense), out, atol=0, rtol=0)
 
 
 def test_kernels_build_here():
@@ -80,6 +103,7 @@ def test_supported_only_for_what_the_kernel_reads():
     w = k_major(torch.randn(2, 32, 16))
     assert cpu_grouped_gemm_supported(torch.float32, w)
     assert not cpu_grouped_gemm_supported(torch.float32, w.contiguous())      # row-major
+    assert cpu_grouped_gemm_supported(torch.float32, dense_k_major(w))         # any K row stride
     assert cpu_grouped_gemm_supported(torch.bfloat16, w.bfloat16())            # bf16 too
     assert not cpu_grouped_gemm_supported(torch.float32, w.bfloat16())         # one type for both
     assert not cpu_grouped_gemm_supported(torch.float16, w.half())             # fp32 and bf16 only
@@ -259,10 +283,12 @@ def test_loaded_model_runs_on_the_kernels_and_matches_torch(scout_dir, monkeypat
     experts = [m for m in bf16.modules() if type(m).__name__ == "FusedMoE"]
     assert experts and all(m.w13_weight.stride(-2) == 1 and cpu_grouped_gemm_supported(torch.bfloat16, m.w2_weight)
                            for m in experts)
+    assert all(w.stride(-1) == k_major_stride(w.shape[-2], 2) for m in experts for w in (m.w13_weight, m.w2_weight))
     assert all(m.weight.is_contiguous() for m in bf16.modules() if isinstance(m, (LinearBase, ParallelLMHead)))
     del bf16
     linears = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
-    assert linears and all(m.weight.stride(0) == 1 for m in linears)
+    assert linears and all(m.weight.stride(0) == 1 and m.weight.stride(1) == k_major_stride(m.weight.shape[0], 4)
+                           for m in linears)
     embeds = [m for m in model.modules() if type(m) is VocabParallelEmbedding]
     assert embeds and all(m.weight.is_contiguous() for m in embeds)
 

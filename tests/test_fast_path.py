@@ -67,7 +67,9 @@ def test_backends_match_reference_end_to_end(fixture, request):
     path = request.getfixturevalue(fixture)
     kw = dict(max_num_batched_tokens=12, num_kv_blocks=60)  # mixed prefill chunks + decodes, preemption
     ref = make_llm(path, attention_backend="reference", **kw).generate(PROMPTS, greedy(), use_tqdm=False)
-    for backend in ("sdpa", "triton"):
+    # Triton (interpreted on the CPU: ~40 s a run) on the Scout-like model only: the Maverick-like
+    # one has the same attention layers, it differs in its FFNs (dense / MoE interleave)
+    for backend in ("sdpa", "triton") if fixture == "scout_dir" else ("sdpa",):
         if backend == "triton":
             pytest.importorskip("triton")
         outs = make_llm(path, attention_backend=backend, **kw).generate(PROMPTS, greedy(), use_tqdm=False)
@@ -92,9 +94,15 @@ def test_decode_diffs_are_small(scout_dir):
 @pytest.mark.parametrize("fixture", ["scout_dir", "maverick_dir"])
 def test_forward_has_no_graph_break_or_host_read(fixture, request):
     """torch.compile(fullgraph=True) fails on any graph break, and a device-to-host read (.item(),
-    .tolist(), bool(t), int(t)) inside the forward is one: prefill, mixed and decode steps."""
+    .tolist(), bool(t), int(t)) inside the forward is one: prefill, mixed and decode steps.
+    Each new step structure is a compile of its own (~8 s), so the workload has just three: two
+    prompts (5 and 44 tokens) under a 25-token budget prefill together (5 + 20), then one decode
+    runs beside the long prompt's last chunk (1 + 24), then both decode and finish together."""
     torch._dynamo.reset()
-    llm = make_llm(request.getfixturevalue(fixture), max_num_batched_tokens=24)
+    path = request.getfixturevalue(fixture)
+    prompts = PROMPTS[:2]
+    params = [greedy(6), greedy(5)]
+    llm = make_llm(path, max_num_batched_tokens=25)
     model = llm.llm_engine.executor.runner.model
     eager = model.forward
     calls = []
@@ -106,12 +114,11 @@ def test_forward_has_no_graph_break_or_host_read(fixture, request):
     compiled = torch.compile(eager, fullgraph=True, backend="eager", dynamic=True)
     model.forward = forward
     try:
-        outs = llm.generate(PROMPTS, greedy(6), use_tqdm=False)
+        outs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         model.forward = eager
-    assert max(calls) == 24 and min(calls) <= len(PROMPTS)  # full prefill chunks ... decode-only steps
-    ref = make_llm(request.getfixturevalue(fixture), max_num_batched_tokens=24).generate(PROMPTS, greedy(6),
-                                                                                          use_tqdm=False)
+    assert calls[:2] == [25, 25] and set(calls[2:]) == {2}  # prefills, mixed, decode-only steps
+    ref = make_llm(path, max_num_batched_tokens=25).generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
 
 

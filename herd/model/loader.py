@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -240,23 +241,31 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
 
 def _move_to_hugepages(moves: list[tuple[torch.nn.Parameter, bool]]):
     """Copy each weight into one buffer on 2 MiB pages, K-major (the same logical [..., N, K]
-    tensor with last two strides (1, N)) where asked, row-major otherwise; one weight at a time,
-    so the old copies are freed as the new ones fill."""
+    tensor with last two strides (1, k_major_stride(N))) where asked, row-major otherwise; one
+    weight at a time, so the old copies are freed as the new ones fill."""
+    from herd.ops.cpu import k_major_stride
     from herd.ops.cpu.memory import hugepage_zeros
     align = 64
     seen: set[int] = set()
     moves = [(p, k) for p, k in moves if not (id(p) in seen or seen.add(id(p)))]  # shared weights once
     if not moves:
         return
-    sizes = [-(-p.numel() * p.element_size() // align) * align for p, _ in moves]
+
+    def numel(p, k_major):
+        if not k_major:
+            return p.numel()
+        *lead, N, K = p.shape
+        return math.prod(lead) * K * k_major_stride(N, p.element_size())
+
+    sizes = [-(-numel(p, k) * p.element_size() // align) * align for p, k in moves]
     arena = hugepage_zeros((sum(sizes),), torch.uint8)
     offset = 0
     for (p, k_major), size in zip(moves, sizes):
-        flat = arena[offset:offset + p.numel() * p.element_size()].view(p.dtype)
+        flat = arena[offset:offset + numel(p, k_major) * p.element_size()].view(p.dtype)
         offset += size
         if k_major:
             *lead, N, K = p.shape
-            dst = flat.view(*lead, K, N)
+            dst = flat.view(*lead, K, k_major_stride(N, p.element_size()))[..., :N]
             dst.copy_(p.data.transpose(-2, -1))
             p.data = dst.transpose(-2, -1)
         else:
@@ -272,7 +281,8 @@ def relayout_for_cpu(model: torch.nn.Module):
     through the row-major layout's transposed view. Embeddings keep their rows contiguous (the
     lm_head is its own tensor even when tied). Every weight moved here (bf16 dense linears keep
     their layout but move too) lands in one buffer on 2 MiB pages (herd.ops.cpu.memory), since
-    a decode step streams all of them."""
+    a decode step streams all of them. K rows are padded to an odd number of cache lines
+    (herd.ops.cpu.k_major_stride)."""
     from herd.model.layers import LinearBase, ParallelLMHead, UnquantizedLinearMethod
     from herd.model.llama4 import FusedMoE
     from herd.ops.cpu import kernels_available

@@ -37,7 +37,8 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # the element types ge
 
 def _takes(a_dtype: torch.dtype, w: torch.Tensor) -> bool:
     """fp32 or bf16 (activations and weights alike) on the CPU, the last two dims [N, K] stored
-    K-major with N a multiple of 16, and the kernels built on this machine."""
+    K-major (any K row stride; the loader pads it, k_major_stride) with N a multiple of 16, and
+    the kernels built on this machine."""
     return (w.device.type == "cpu" and a_dtype == w.dtype and w.dtype in _SUFFIX
             and w.stride(-2) == 1 and w.shape[-2] % 16 == 0 and kernels_available())
 
@@ -59,6 +60,25 @@ def cpu_paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
             and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and q.shape[-2] <= 64 and k_cache.dim() == 4
             and k_cache.stride(-1) == 1 and kernels_available())
+
+
+def k_major_stride(n: int, itemsize: int, line: int = 64) -> int:
+    """Elements between consecutive K rows of a K-major weight with n columns: n rounded up to
+    whole cache lines, plus one line where that makes an even number of lines. With a row stride
+    of an even number of lines (a multiple of 4 KiB, say, as for 1024 or 2048 fp32 columns) the
+    rows the kernels stream together map to a few cache sets and evict each other; an odd number
+    of lines walks every set. The padding is never read."""
+    per_line = max(1, line // itemsize)
+    lines = -(-n // per_line)
+    return (lines + (lines % 2 == 0)) * per_line
+
+
+def k_major(w: torch.Tensor) -> torch.Tensor:
+    """A copy of w [..., N, K] stored K-major as the loader stores it (last strides (1, k_major_stride))."""
+    *lead, N, K = w.shape
+    buf = w.new_zeros(*lead, K, k_major_stride(N, w.element_size()))[..., :N]
+    buf.copy_(w.transpose(-2, -1))
+    return buf.transpose(-2, -1)
 
 
 def _rows(a: torch.Tensor) -> torch.Tensor:

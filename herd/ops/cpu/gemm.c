@@ -6,53 +6,76 @@
    expert, shared out among the threads (narrower panels when there are few, so every thread has
    some). At a few rows the work is reading the weights, so a panel's first pass streams them:
    KS weight rows per step (KS runs of contiguous values) added into accumulators that stay in
-   L1. That pass leaves the panel's weights (at most 1 MiB) in L2, and the rows after the first MR
-   reread them from there in register tiles, where arithmetic is the limit. An expert with
-   STRIP_MIN rows or more (K up to STRIP_MAX_K) goes through strips instead: 8 rows x 48 columns
-   over the whole K in registers, whose first rows' pass prefetches the next strip's weights, so
-   reading memory and arithmetic overlap. Rows past offs[E-1] are not written.
+   L1. That pass leaves the panel's weights (at most PANEL_MAX_BYTES, or the L2 size where that
+   is smaller) in L2, and the rows after the first MR reread them from there in register tiles,
+   where arithmetic is the limit. An expert with STRIP_MIN rows or more (K up to STRIP_MAX_K) goes
+   through strips instead: SR rows x SV vectors of columns over the whole K in registers, whose
+   first rows' pass prefetches the next strip's weights, so reading memory and arithmetic overlap.
+   Rows past offs[E-1] are not written.
 
    gemm_body.h holds the kernels; it is included once per element type: float32, and bfloat16
    (activations, weights and output; each value widens exactly to float32, the sums are float32
    and round to nearest-even bfloat16 once, at the end, as torch's bf16 GEMMs do).
 
-   Built at first use with the system C compiler (-O3 -march=native -fopenmp); the vector type is
-   GCC's generic 16-float vector, which the compiler lowers to the machine's widest SIMD. */
+   Built at first use with the system C compiler (-O3 -march=native -fopenmp). The vector type is
+   as wide as the machine's registers (VL floats: 16 with AVX-512, else 8) and the register tiles
+   are sized to the register file (32 or 16 vectors): a GCC vector wider than the hardware's is
+   split into pieces that do not stay in registers, which made every tile spill (5 GFLOP/s on an
+   AVX2 machine instead of ~60). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+#define VL 16   /* floats per vector register */
+#define SR 8    /* strip: 8 rows x 3 vectors (48 columns): 24 accumulators + 3 weights of 32 registers */
+#define SV 3
+#define TV 4    /* wide tile: MR rows x 4 vectors (64 columns): 24 accumulators + 4 weights */
+#else
+#define VL 8
+#define SR 6    /* strip: 6 rows x 2 vectors (16 columns): 12 accumulators + 2 weights of 16 registers */
+#define SV 2
+#define TV 2    /* wide tile: MR rows x 2 vectors (16 columns): 12 accumulators + 2 weights */
+#endif
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef uint16_t u16v __attribute__((vector_size(VL * 2)));
+typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
 
 #define NW 512  /* output columns per panel: MR x NW accumulators (12 KiB) stay in L1 */
 #define KS 8    /* weight rows per step: 8 streams, and accumulators touched once per 8 rows */
 #define MR 6    /* token rows per pass over a panel's weights */
 #define STRIP_MIN 5       /* rows of one expert from which strips beat the panel + tiles */
-#define STRIP_MAX_K 1024  /* two strips' weights (48 x K each) stay well inside L2 */
+#define STRIP_MAX_K 1024  /* two strips' weights (SV * VL x K each, <= 192 KiB) stay inside L2 */
+#define PANEL_MAX_BYTES 1048576  /* a panel's weights, reread from L2 by the rows after its first pass */
 
 /* Whether an expert's rows go through strips (gemm_body.h) rather than a panel and tiles. */
 static inline int use_strips(int64_t rows, int64_t K) { return rows >= STRIP_MIN && K <= STRIP_MAX_K; }
 
-static inline v16 load16_f32(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store16_f32(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+/* Bytes of a panel's weights: PANEL_MAX_BYTES, less where this CPU's L2 is smaller. */
+static int64_t panel_bytes(void) {
+    long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return l2 > 0 && l2 < PANEL_MAX_BYTES ? (int64_t)l2 : PANEL_MAX_BYTES;
+}
+
+static inline vf loadv_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void storev_f32(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline float get_f32(const float *p) { return *p; }
 
 /* a bfloat16 is the upper half of a float32 */
-static inline v16 load16_bf16(const uint16_t *p) {
-    u16x16 h;
+static inline vf loadv_bf16(const uint16_t *p) {
+    u16v h;
     memcpy(&h, p, sizeof h);
-    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
-    v16 v;
+    u32v u = __builtin_convertvector(h, u32v) << 16;
+    vf v;
     memcpy(&v, &u, sizeof v);
     return v;
 }
-static inline void store16_bf16(uint16_t *p, v16 v) {
-    u32x16 u;
+static inline void storev_bf16(uint16_t *p, vf v) {
+    u32v u;
     memcpy(&u, &v, sizeof u);
     u = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  /* round to nearest, ties to even */
-    u16x16 h = __builtin_convertvector(u, u16x16);
+    u16v h = __builtin_convertvector(u, u16v);
     memcpy(p, &h, sizeof h);
 }
 static inline float get_bf16(const uint16_t *p) {

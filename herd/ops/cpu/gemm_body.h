@@ -1,11 +1,11 @@
 /* The GEMM kernels for one element type T (float or bf16 bits), named with suffix SUF: included
    by gemm.c once per type. Arithmetic is float32 in both. */
 #define FN(name) CAT(name, SUF)
-#define LOAD16 FN(load16)
-#define STORE16 FN(store16)
+#define LOADV FN(loadv)
+#define STOREV FN(storev)
 #define GET FN(get)
 
-/* acc[m, 0:nw] = sum_k a[m, k] * w[k, 0:nw] for ROWS token rows (nw % 16 == 0). */
+/* acc[m, 0:nw] = sum_k a[m, k] * w[k, 0:nw] for ROWS token rows (nw % VL == 0). */
 #define PANEL(ROWS)                                                                           \
 static void FN(panel_##ROWS)(const T *a, int64_t lda, const T *w, int64_t ldk,               \
                              T *out, int64_t ldo, int64_t K, int64_t nw) {                    \
@@ -17,78 +17,81 @@ static void FN(panel_##ROWS)(const T *a, int64_t lda, const T *w, int64_t ldk,  
         _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                               \
             _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) x[m][j] = GET(a + m * lda + k + j); \
         const T *wk = w + k * ldk;                                                            \
-        for (int64_t n = 0; n < nw; n += 16) {                                                \
-            v16 v[KS];                                                                        \
-            _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) v[j] = LOAD16(wk + j * ldk + n); \
+        for (int64_t n = 0; n < nw; n += VL) {                                                \
+            vf v[KS];                                                                         \
+            _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) v[j] = LOADV(wk + j * ldk + n); \
             _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++) {                         \
-                v16 s = load16_f32(&acc[m][n]);                                               \
+                vf s = loadv_f32(&acc[m][n]);                                                 \
                 _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) s += v[j] * x[m][j];    \
-                store16_f32(&acc[m][n], s);                                                   \
+                storev_f32(&acc[m][n], s);                                                    \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
     for (; k < K; k++) {                                                                      \
         const T *wk = w + k * ldk;                                                            \
-        for (int64_t n = 0; n < nw; n += 16) {                                                \
-            v16 v0 = LOAD16(wk + n);                                                          \
+        for (int64_t n = 0; n < nw; n += VL) {                                                \
+            vf v0 = LOADV(wk + n);                                                            \
             _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                           \
-                store16_f32(&acc[m][n], load16_f32(&acc[m][n]) + v0 * GET(a + m * lda + k));  \
+                storev_f32(&acc[m][n], loadv_f32(&acc[m][n]) + v0 * GET(a + m * lda + k));    \
         }                                                                                     \
     }                                                                                         \
     for (int m = 0; m < ROWS; m++)                                                            \
-        for (int64_t n = 0; n < nw; n += 16) STORE16(out + m * ldo + n, load16_f32(&acc[m][n])); \
+        for (int64_t n = 0; n < nw; n += VL) STOREV(out + m * ldo + n, loadv_f32(&acc[m][n])); \
 }
 
 PANEL(1) PANEL(2) PANEL(3) PANEL(4) PANEL(5) PANEL(6)
 
 /* Register tile for the rows after a panel's first pass, when the panel's weights are in L2 and
-   arithmetic, not reading them, is the limit: out[m, 0:16*NV] for ROWS rows over the whole K,
+   arithmetic, not reading them, is the limit: out[m, 0:VL*NV] for ROWS rows over the whole K,
    accumulators in registers (ROWS x NV of them). */
 #define TILE(ROWS, NV)                                                                        \
 static void FN(tile_##ROWS##_##NV)(const T *a, int64_t lda, const T *w, int64_t ldk,         \
                                    T *out, int64_t ldo, int64_t K) {                          \
-    v16 acc[ROWS][NV];                                                                        \
+    vf acc[ROWS][NV];                                                                         \
     _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                                   \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[m][v] = (v16){0};           \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[m][v] = (vf){0};            \
     for (int64_t k = 0; k < K; k++) {                                                         \
         const T *wk = w + k * ldk;                                                            \
-        v16 wv[NV];                                                                           \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) wv[v] = LOAD16(wk + 16 * v);    \
+        vf wv[NV];                                                                            \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) wv[v] = LOADV(wk + VL * v);     \
         _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++) {                             \
             float x = GET(a + m * lda + k);                                                   \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[m][v] += wv[v] * x;     \
         }                                                                                     \
     }                                                                                         \
     _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                                   \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) STORE16(out + m * ldo + 16 * v, acc[m][v]); \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) STOREV(out + m * ldo + VL * v, acc[m][v]); \
 }
 
-#define TILES_OF(ROWS) TILE(ROWS, 1) TILE(ROWS, 4)
+/* narrow (one vector) and wide (TV vectors) tiles */
+#define TILE_(ROWS, NV) TILE(ROWS, NV)  /* expands TV before TILE pastes it into the name */
+#define TILES_OF(ROWS) TILE(ROWS, 1) TILE_(ROWS, TV)
 TILES_OF(1) TILES_OF(2) TILES_OF(3) TILES_OF(4) TILES_OF(5) TILES_OF(6)
 static void (*const FN(TILES)[MR][2])(const T *, int64_t, const T *, int64_t, T *, int64_t, int64_t) = {
-    {FN(tile_1_1), FN(tile_1_4)}, {FN(tile_2_1), FN(tile_2_4)}, {FN(tile_3_1), FN(tile_3_4)},
-    {FN(tile_4_1), FN(tile_4_4)}, {FN(tile_5_1), FN(tile_5_4)}, {FN(tile_6_1), FN(tile_6_4)}};
+    {FN(tile_1_1), FN(CAT(tile_1, TV))}, {FN(tile_2_1), FN(CAT(tile_2, TV))}, {FN(tile_3_1), FN(CAT(tile_3, TV))},
+    {FN(tile_4_1), FN(CAT(tile_4, TV))}, {FN(tile_5_1), FN(CAT(tile_5, TV))}, {FN(tile_6_1), FN(CAT(tile_6, TV))}};
 static void (*const FN(PANELS)[MR])(const T *, int64_t, const T *, int64_t, T *, int64_t, int64_t, int64_t) = {
     FN(panel_1), FN(panel_2), FN(panel_3), FN(panel_4), FN(panel_5), FN(panel_6)};
 
-/* Strips, for experts / linears with STRIP_MIN rows or more: up to 8 rows x 16 * NV columns over
-   the whole K in registers, the weights read straight from memory by the first 8 rows and from
+/* Strips, for experts / linears with STRIP_MIN rows or more: up to SR rows x VL * NV columns over
+   the whole K in registers, the weights read straight from memory by the first SR rows and from
    L2 by the rest, while the first rows' pass also prefetches the next strip's weights (pf), so
    that reading memory and arithmetic overlap instead of taking turns. */
 #define STRIP(NV)                                                                             \
 static void FN(strip_##NV)(int rows, const T *a, int64_t lda, const T *w, int64_t ldk,       \
                            T *out, int64_t ldo, int64_t K, const T *pf) {                     \
-    v16 acc[8][NV];                                                                           \
-    _Pragma("GCC unroll 8") for (int m = 0; m < 8; m++)                                      \
-        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) acc[m][v] = (v16){0};           \
+    vf acc[SR][NV];                                                                           \
+    _Pragma("GCC unroll 8") for (int m = 0; m < SR; m++)                                     \
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) acc[m][v] = (vf){0};            \
     for (int64_t k = 0; k < K; k++) {                                                         \
         const T *wk = w + k * ldk;                                                            \
         if (pf)                                                                               \
-            _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++)                             \
-                __builtin_prefetch(pf + k * ldk + 16 * v);                                    \
-        v16 wv[NV];                                                                           \
-        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) wv[v] = LOAD16(wk + 16 * v);    \
-        _Pragma("GCC unroll 8") for (int m = 0; m < 8; m++) {                                \
+            for (int64_t c = 0; c < VL * NV * (int64_t)sizeof(T) + 63; c += 64) /* each line */ \
+                __builtin_prefetch((const char *)(pf + k * ldk) + (c < VL * NV * (int64_t)sizeof(T) \
+                                                                  ? c : VL * NV * (int64_t)sizeof(T) - 1)); \
+        vf wv[NV];                                                                            \
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) wv[v] = LOADV(wk + VL * v);     \
+        _Pragma("GCC unroll 8") for (int m = 0; m < SR; m++) {                               \
             if (m < rows) {                                                                   \
                 float x = GET(a + m * lda + k);                                               \
                 _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) acc[m][v] += wv[v] * x; \
@@ -96,22 +99,28 @@ static void FN(strip_##NV)(int rows, const T *a, int64_t lda, const T *w, int64_
         }                                                                                     \
     }                                                                                         \
     for (int m = 0; m < rows; m++)                                                            \
-        for (int v = 0; v < NV; v++) STORE16(out + m * ldo + 16 * v, acc[m][v]);             \
+        for (int v = 0; v < NV; v++) STOREV(out + m * ldo + VL * v, acc[m][v]);              \
 }
-STRIP(1) STRIP(2) STRIP(3)
-static void (*const FN(STRIPS)[3])(int, const T *, int64_t, const T *, int64_t, T *, int64_t, int64_t,
-                                   const T *) = {FN(strip_1), FN(strip_2), FN(strip_3)};
+STRIP(1) STRIP(2)
+#if SV == 3
+STRIP(3)
+static void (*const FN(STRIPS)[SV])(int, const T *, int64_t, const T *, int64_t, T *, int64_t, int64_t,
+                                    const T *) = {FN(strip_1), FN(strip_2), FN(strip_3)};
+#else
+static void (*const FN(STRIPS)[SV])(int, const T *, int64_t, const T *, int64_t, T *, int64_t, int64_t,
+                                    const T *) = {FN(strip_1), FN(strip_2)};
+#endif
 
-/* Columns n0 .. n0 + width (width % 16 == 0) of rows lo .. hi of one expert, in strips of 48
-   columns (a 16- or 32-column one at the end); next: where the following work item's weights
-   start (prefetched during the last strip), or NULL. */
+/* Columns n0 .. n0 + width (width % VL == 0) of rows lo .. hi of one expert, in strips of SV * VL
+   columns (a narrower one at the end); next: where the following work item's weights start
+   (prefetched during the last strip), or NULL. */
 static void FN(strips)(const T *a, int64_t lda, const T *wp, int64_t ldk, T *out, int64_t ldo,
                        int64_t lo, int64_t hi, int64_t width, int64_t K, const T *next) {
-    for (int64_t n = 0; n < width; n += 48) {
-        const int64_t nv = width - n >= 48 ? 3 : (width - n) / 16;
-        const T *pf = n + 48 < width ? wp + n + 48 : next;
-        for (int64_t m = lo; m < hi; m += 8) {
-            const int r = hi - m < 8 ? (int)(hi - m) : 8;
+    for (int64_t n = 0; n < width; n += SV * VL) {
+        const int64_t nv = width - n >= SV * VL ? SV : (width - n) / VL;
+        const T *pf = n + SV * VL < width ? wp + n + SV * VL : next;
+        for (int64_t m = lo; m < hi; m += SR) {
+            const int r = hi - m < SR ? (int)(hi - m) : SR;
             FN(STRIPS)[nv - 1](r, a + m * lda, lda, wp + n, ldk, out + m * ldo + n, ldo, K, m == lo ? pf : NULL);
         }
     }
@@ -131,11 +140,11 @@ int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int6
     /* panel width: NW, or narrower so that there are at least 4 panels per thread */
     int64_t per_expert = (4 * num_threads + touched - 1) / (touched ? touched : 1);
     int64_t nw = (N + per_expert - 1) / per_expert;
-    /* whole 48-column strips when some expert has rows enough for them, else 16 columns */
-    const int64_t q = use_strips(most, K) ? 48 : 16;
+    /* whole strips when some expert has rows enough for them, else 16 columns */
+    const int64_t q = use_strips(most, K) ? (SV * VL > 16 ? SV * VL : 16) : 16;
     nw = (nw + q - 1) / q * q;
     if (nw > NW) nw = NW / q * q;
-    int64_t l2 = (int64_t)(1048576 / sizeof(T)) / (K > 0 ? K : 1) / q * q;  /* nw x K weights <= 1 MiB */
+    int64_t l2 = panel_bytes() / (int64_t)sizeof(T) / (K > 0 ? K : 1) / q * q;  /* nw x K weights in L2 */
     if (nw > l2) nw = l2 > q ? l2 : q;
     if (nw > N) nw = N;
     const int64_t T_ = (N + nw - 1) / nw;
@@ -169,9 +178,9 @@ int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int6
         for (int64_t m = lo + rows; m < hi; m += MR) {
             int r = hi - m < MR ? (int)(hi - m) : MR;
             for (int64_t n = 0; n < width;) {
-                int wide = n + 64 <= width;
+                int wide = n + TV * VL <= width;
                 FN(TILES)[r - 1][wide](a + m * lda, lda, wp + n, ldk, out + m * ldo + n0 + n, ldo, K);
-                n += wide ? 64 : 16;
+                n += wide ? TV * VL : VL;
             }
         }
     }
@@ -190,7 +199,8 @@ int FN(herd_linear)(const T *a, int64_t lda, const T *w, int64_t ldk, T *out, in
 #undef STRIP
 #undef TILE
 #undef TILES_OF
+#undef TILE_
 #undef FN
-#undef LOAD16
-#undef STORE16
+#undef LOADV
+#undef STOREV
 #undef GET
