@@ -30,7 +30,7 @@ preset_threads()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from herd.ops.cpu import kernels_available  # noqa: E402
+from herd.ops.cpu import k_major, kernels_available  # noqa: E402  (k_major: the loader's layout)
 from membw import best_time, measure_bandwidth  # noqa: E402
 
 COPY_BYTES = 96 << 20  # per shape, cycled: three times the L3
@@ -38,11 +38,6 @@ COPY_BYTES = 96 << 20  # per shape, cycled: three times the L3
 
 def best_ms(fn, repeats: int) -> float:
     return best_time(fn, repeats) * 1e3
-
-
-def k_major(w):
-    from herd.ops.cpu import k_major as padded_k_major  # the loader's layout
-    return padded_k_major(w)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -243,35 +243,23 @@ def _move_to_hugepages(moves: list[tuple[torch.nn.Parameter, bool]]):
     """Copy each weight into one buffer on 2 MiB pages, K-major (the same logical [..., N, K]
     tensor with last two strides (1, k_major_stride(N))) where asked, row-major otherwise; one
     weight at a time, so the old copies are freed as the new ones fill."""
-    from herd.ops.cpu import k_major_stride
+    from herd.ops.cpu import k_major_storage, k_major_view
     from herd.ops.cpu.memory import hugepage_zeros
     align = 64
     seen: set[int] = set()
     moves = [(p, k) for p, k in moves if not (id(p) in seen or seen.add(id(p)))]  # shared weights once
     if not moves:
         return
-
-    def numel(p, k_major):
-        if not k_major:
-            return p.numel()
-        *lead, N, K = p.shape
-        return math.prod(lead) * K * k_major_stride(N, p.element_size())
-
-    sizes = [-(-numel(p, k) * p.element_size() // align) * align for p, k in moves]
-    arena = hugepage_zeros((sum(sizes),), torch.uint8)
+    shapes = [k_major_storage(p.shape, p.element_size()) if k else tuple(p.shape) for p, k in moves]
+    nbytes = [math.prod(shape) * p.element_size() for (p, _), shape in zip(moves, shapes)]
+    arena = hugepage_zeros((sum(-(-n // align) * align for n in nbytes),), torch.uint8)
     offset = 0
-    for (p, k_major), size in zip(moves, sizes):
-        flat = arena[offset:offset + numel(p, k_major) * p.element_size()].view(p.dtype)
-        offset += size
-        if k_major:
-            *lead, N, K = p.shape
-            dst = flat.view(*lead, K, k_major_stride(N, p.element_size()))[..., :N]
-            dst.copy_(p.data.transpose(-2, -1))
-            p.data = dst.transpose(-2, -1)
-        else:
-            dst = flat.view(p.shape)
-            dst.copy_(p.data)
-            p.data = dst
+    for (p, k_major), shape, n in zip(moves, shapes, nbytes):
+        buf = arena[offset:offset + n].view(p.dtype).view(shape)
+        offset += -(-n // align) * align
+        dst = k_major_view(buf, p.shape[-2]) if k_major else buf
+        dst.copy_(p.data)
+        p.data = dst
 
 
 def relayout_for_cpu(model: torch.nn.Module):

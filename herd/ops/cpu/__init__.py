@@ -73,12 +73,22 @@ def k_major_stride(n: int, itemsize: int, line: int = 64) -> int:
     return (lines + (lines % 2 == 0)) * per_line
 
 
+def k_major_storage(shape, itemsize: int) -> tuple[int, ...]:
+    """The buffer behind a K-major [..., N, K] weight: [..., K, k_major_stride(N)]."""
+    *lead, N, K = shape
+    return (*lead, K, k_major_stride(N, itemsize))
+
+
+def k_major_view(buf: torch.Tensor, n: int) -> torch.Tensor:
+    """The [..., N, K] weight (last strides (1, k_major_stride)) in a k_major_storage buffer."""
+    return buf[..., :n].transpose(-2, -1)
+
+
 def k_major(w: torch.Tensor) -> torch.Tensor:
-    """A copy of w [..., N, K] stored K-major as the loader stores it (last strides (1, k_major_stride))."""
-    *lead, N, K = w.shape
-    buf = w.new_zeros(*lead, K, k_major_stride(N, w.element_size()))[..., :N]
-    buf.copy_(w.transpose(-2, -1))
-    return buf.transpose(-2, -1)
+    """A copy of w [..., N, K] stored K-major as the loader stores it."""
+    out = k_major_view(w.new_zeros(k_major_storage(w.shape, w.element_size())), w.shape[-2])
+    out.copy_(w)
+    return out
 
 
 def _rows(a: torch.Tensor) -> torch.Tensor:

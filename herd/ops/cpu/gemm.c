@@ -52,10 +52,16 @@ typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
 /* Whether an expert's rows go through strips (gemm_body.h) rather than a panel and tiles. */
 static inline int use_strips(int64_t rows, int64_t K) { return rows >= STRIP_MIN && K <= STRIP_MAX_K; }
 
-/* Bytes of a panel's weights: PANEL_MAX_BYTES, less where this CPU's L2 is smaller. */
+/* Bytes of a panel's weights: PANEL_MAX_BYTES, less where this CPU's L2 is smaller. Asked once
+   (sysconf may run cpuid, which traps to the hypervisor in a VM) and kept: every thread that
+   races here stores the same value. */
 static int64_t panel_bytes(void) {
-    long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return l2 > 0 && l2 < PANEL_MAX_BYTES ? (int64_t)l2 : PANEL_MAX_BYTES;
+    static int64_t bytes;
+    if (!bytes) {
+        long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+        bytes = l2 > 0 && l2 < PANEL_MAX_BYTES ? (int64_t)l2 : PANEL_MAX_BYTES;
+    }
+    return bytes;
 }
 
 static inline vf loadv_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }

@@ -86,9 +86,9 @@ static void FN(strip_##NV)(int rows, const T *a, int64_t lda, const T *w, int64_
     for (int64_t k = 0; k < K; k++) {                                                         \
         const T *wk = w + k * ldk;                                                            \
         if (pf)                                                                               \
-            for (int64_t c = 0; c < VL * NV * (int64_t)sizeof(T) + 63; c += 64) /* each line */ \
-                __builtin_prefetch((const char *)(pf + k * ldk) + (c < VL * NV * (int64_t)sizeof(T) \
-                                                                  ? c : VL * NV * (int64_t)sizeof(T) - 1)); \
+            for (uintptr_t c = (uintptr_t)(pf + k * ldk) & ~(uintptr_t)63;                 \
+                 c < (uintptr_t)(pf + k * ldk + VL * NV); c += 64) /* each line of the row */ \
+                __builtin_prefetch((const void *)c);                                          \
         vf wv[NV];                                                                            \
         _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) wv[v] = LOADV(wk + VL * v);     \
         _Pragma("GCC unroll 8") for (int m = 0; m < SR; m++) {                               \
@@ -101,15 +101,9 @@ static void FN(strip_##NV)(int rows, const T *a, int64_t lda, const T *w, int64_
     for (int m = 0; m < rows; m++)                                                            \
         for (int v = 0; v < NV; v++) STOREV(out + m * ldo + VL * v, acc[m][v]);              \
 }
-STRIP(1) STRIP(2)
-#if SV == 3
-STRIP(3)
-static void (*const FN(STRIPS)[SV])(int, const T *, int64_t, const T *, int64_t, T *, int64_t, int64_t,
-                                    const T *) = {FN(strip_1), FN(strip_2), FN(strip_3)};
-#else
-static void (*const FN(STRIPS)[SV])(int, const T *, int64_t, const T *, int64_t, T *, int64_t, int64_t,
-                                    const T *) = {FN(strip_1), FN(strip_2)};
-#endif
+STRIP(1) STRIP(2) STRIP(3)  /* strips() uses the first SV of them */
+static void (*const FN(STRIPS)[3])(int, const T *, int64_t, const T *, int64_t, T *, int64_t, int64_t,
+                                   const T *) = {FN(strip_1), FN(strip_2), FN(strip_3)};
 
 /* Columns n0 .. n0 + width (width % VL == 0) of rows lo .. hi of one expert, in strips of SV * VL
    columns (a narrower one at the end); next: where the following work item's weights start
@@ -141,7 +135,7 @@ int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int6
     int64_t per_expert = (4 * num_threads + touched - 1) / (touched ? touched : 1);
     int64_t nw = (N + per_expert - 1) / per_expert;
     /* whole strips when some expert has rows enough for them, else 16 columns */
-    const int64_t q = use_strips(most, K) ? (SV * VL > 16 ? SV * VL : 16) : 16;
+    const int64_t q = use_strips(most, K) ? SV * VL : 16;
     nw = (nw + q - 1) / q * q;
     if (nw > NW) nw = NW / q * q;
     int64_t l2 = panel_bytes() / (int64_t)sizeof(T) / (K > 0 ? K : 1) / q * q;  /* nw x K weights in L2 */
