@@ -199,6 +199,38 @@ def test_sensitivity_scores_and_picks_the_dominant_layer(amplified):
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
 
 
+def test_sensitivity_passes_start_at_the_scored_layer(amplified, monkeypatch):
+    # each layer's pass starts from the reference's input to that layer: the same scores as full
+    # forwards (the layers before it compute the same thing either way), static activations included
+    from herd.quant import sensitivity
+
+    model = load_model(amplified, dtype=torch.float32)
+    calls = []
+    layer_forward = type(model.model.layers[0]).forward
+
+    def counting(self, *args):
+        calls.append(self)
+        return layer_forward(self, *args)
+
+    monkeypatch.setattr(type(model.model.layers[0]), "forward", counting)
+    fast = {a: measure_layer_sensitivity(model, _seqs(), lambda n: ".self_attn." not in n, activations=a)
+            for a in ("dynamic", "static")}
+    n_layers, n_seqs = len(model.model.layers), len(_seqs())
+    assert len(calls) == 2 * n_seqs * (n_layers + sum(n_layers - i for i in range(n_layers)))
+    init = sensitivity._Passes.__init__
+
+    def full_forwards(self, *args):
+        init(self, *args)
+        self.decoder = None
+
+    monkeypatch.setattr(sensitivity._Passes, "__init__", full_forwards)
+    calls.clear()
+    for a, got in fast.items():
+        full = measure_layer_sensitivity(model, _seqs(), lambda n: ".self_attn." not in n, activations=a)
+        assert [s.kl for s in got.scores] == pytest.approx([s.kl for s in full.scores], rel=1e-4, abs=1e-9)
+    assert len(calls) == 2 * n_seqs * n_layers * (n_layers + 1)
+
+
 def _bos_massive_activation(path, layer: int = 0, dim: int = 5, channel: int = 7) -> None:
     """Give the BOS token (id 1) one huge MLP intermediate value in `layer`, as real models have
     (SmolLM2-135M: 3072 at layer 11's down_proj input, 300x any other token; here 7000x): BOS's embedding

@@ -293,3 +293,21 @@ def test_unsupported_gguf_is_rejected(tmp_path):
     assert not any((tmp_path / "cache").glob("*"))  # nothing half-written is left
     with pytest.raises(FileNotFoundError):
         hg.gguf_to_hf(tmp_path / "missing.gguf", tmp_path / "cache")
+
+
+def test_convert_command_runs_without_runpy_warning(tmp_path):
+    # `python -m herd.gguf.convert` must not be imported by the package first (runpy then warns and
+    # runs a second copy of the module)
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "herd.gguf.convert", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" not in proc.stderr and "found in sys.modules" not in proc.stderr
+    assert "usage" in proc.stdout.lower()
+    import herd.gguf
+
+    assert herd.gguf.is_gguf_path is hg.is_gguf_path
+    with pytest.raises(AttributeError):
+        herd.gguf.no_such_name  # noqa: B018

@@ -163,7 +163,7 @@ def plan(model_path: str, is_quantized: Callable[[str], bool], bf16_layers: str 
         if measure:
             seqs = _limit_tokens(sequences or default_sequences(model_path), SENSITIVITY_TOKENS)
             sens = measure_layer_sensitivity(model, seqs, is_quantized, hf_prefix, strategy, observer,
-                                             activations, input_backoff)
+                                             activations, input_backoff, progress)
             sens.text = text
             out.sensitivity = (pick_sensitive(sens, DEFAULT_FACTOR) if bf16_layers == "auto"
                                else keep_top(sens, int(bf16_layers)))
