@@ -295,7 +295,7 @@ def test_unsupported_gguf_is_rejected(tmp_path):
         hg.gguf_to_hf(tmp_path / "missing.gguf", tmp_path / "cache")
 
 
-def test_convert_command_runs_without_runpy_warning(tmp_path):
+def test_convert_command_runs_without_runpy_warning():
     # `python -m herd.gguf.convert` must not be imported by the package first (runpy then warns and
     # runs a second copy of the module)
     import subprocess

@@ -196,6 +196,8 @@ class _Passes:
 
     @torch.no_grad()
     def logprobs(self, start: int = 0, record: bool = False) -> list[torch.Tensor]:
+        """From decoder layer `start` on (a model without the decoder attributes runs whole);
+        `record`: this is the reference pass, keep each layer's input."""
         out = []
         for k, ids in enumerate(self.seqs):
             pos = torch.arange(ids.numel(), device=ids.device)
@@ -278,7 +280,7 @@ def measure_layer_sensitivity(
     for layer in tqdm(sorted(per_layer), desc="fp8 sensitivity", unit="layer", disable=not progress):
         linears, experts, modules, herd_modules = per_layer[layer]
         with _LayerInFp8(linears, experts, strategy, observer, input_scales):
-            quant = passes.logprobs(start=layer if passes.decoder is not None else 0)
+            quant = passes.logprobs(start=layer)
         kl = sum(float((r.exp() * (r - q)).sum()) for r, q in zip(reference, quant)) / num_tokens
         scores.append(LayerScore(layer, max(kl, 0.0), modules, herd_modules))
     return Sensitivity(scores, num_tokens, spreads=spreads)
