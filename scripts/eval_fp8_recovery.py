@@ -62,6 +62,8 @@ def main(argv=None) -> int:
         # nine MLPs in bf16, ranked by each layer's FP8 cost on Emma (docs/eval.md): the 99.5% recipe
         "ct-gptq-9": ["--calib-data", calib_text, "--rounding", "gptq", "--bf16-layers", "none",
                       "--extra-ignore", r"re:.*layers\.(29|0|28|2|1|9|11|27|20)\.mlp\."],
+        # herd's own ranking of nine layers: the one-flag form of that recipe
+        "ct-gptq-L9": ["--calib-data", calib_text, "--rounding", "gptq", "--bf16-layers", "9"],
     }
     for name, extra in exports.items():
         if not os.path.exists(o(name + "/config.json")):
@@ -73,6 +75,10 @@ def main(argv=None) -> int:
         # the compressed-tensors recipe's bf16 attention, as an INC blocklist
         "inc-gptq-attn-bf16": ["--scale-method", "act_maxabs_hw_weights_pcs_maxabs_pow2", "--rounding", "gptq",
                                "--blocklist-names", r"self_attn\.(qkv|o)_proj$"],
+        # the same nine MLPs as ct-gptq-9 in bf16 as well (sequential Hessians, the default)
+        "inc-gptq-9": ["--scale-method", "act_maxabs_hw_weights_pcs_maxabs_pow2", "--rounding", "gptq",
+                       "--bf16-layers", "none", "--blocklist-names", r"self_attn\.(qkv|o)_proj$",
+                       r"layers\.(29|0|28|2|1|9|11|27|20)\.mlp\."],
     }
     for name, extra in calibs.items():
         if not os.path.exists(o(f"{name}/{model_dir}/maxabs_quant_cuda.json")):
@@ -84,7 +90,8 @@ def main(argv=None) -> int:
     configs += [f"label=inc-maxabs_hw,{inc('inc-maxabs_hw')}",
                 f"label=inc-gptq,{inc('inc-gptq')},model={o(f'inc-gptq/{model_dir}/gptq-bf16')}",
                 f"label=inc-gptq-attn-bf16,{inc('inc-gptq-attn-bf16')},"
-                f"model={o(f'inc-gptq-attn-bf16/{model_dir}/gptq-bf16')}"]
+                f"model={o(f'inc-gptq-attn-bf16/{model_dir}/gptq-bf16')}",
+                f"label=inc-gptq-9,{inc('inc-gptq-9')},model={o(f'inc-gptq-9/{model_dir}/gptq-bf16')}"]
     tables = []
     for text in args.texts:
         js = o(f"{text}.json")

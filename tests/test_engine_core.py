@@ -171,6 +171,34 @@ def test_engine_core_sends_outputs_while_the_next_step_runs(scout_dir, tmp_path)
     assert tokens_seen[0] == 6 and execute.calls == 6 and stalled == []
 
 
+def test_shutdown_while_an_engine_core_starts_does_not_wait_for_it(scout_dir):
+    # Ctrl-C while the model loads: the core reads its pipe only once it is ready, so it is killed
+    # at once rather than waited for (a large model loads for minutes).
+    from herd.config import EngineConfig
+    from herd.engine.core_procs import EngineCoreProcs
+
+    procs = EngineCoreProcs(dp_size=1)
+    procs.start(EngineConfig.from_kwargs(scout_dir, **ENGINE_KW))
+    proc = procs.procs[0]
+    procs.shutdown()  # before wait_ready: still importing or loading
+    assert not proc.is_alive() and proc.exitcode == -signal.SIGKILL
+    assert not os.path.exists(procs.ipc_dir)
+
+
+def test_engine_core_dying_while_it_loads_is_one_clear_error(scout_dir):
+    from herd.config import EngineConfig
+    from herd.engine.core_procs import EngineCoreDied, EngineCoreProcs
+
+    procs = EngineCoreProcs(dp_size=1)
+    procs.start(EngineConfig.from_kwargs(scout_dir, **ENGINE_KW))
+    assert procs.conns[0].poll(60)  # it has started (its first message waits, unread)
+    os.kill(procs.procs[0].pid, signal.SIGKILL)  # as the out-of-memory killer would
+    with pytest.raises(EngineCoreDied, match=r"engine core 0 \(pid \d+\) died while starting \(killed by SIGKILL\)"
+                       r"; the system may have run out of memory"):
+        procs.wait_ready()
+    assert not os.path.exists(procs.ipc_dir)
+
+
 # -- data parallel -------------------------------------------------------------------------------
 
 def test_balancer_prefers_short_queues_and_cached_prefixes():

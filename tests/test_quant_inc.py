@@ -344,6 +344,15 @@ def test_scales_for_rank_caches_like_inc(tmp_path):
     Measurements({name: NodeStats([40.0], None, 0.5)}, local_rank=0).save(measurement_stem(prefix, "maxabs", 0, 2))
     assert scales_for_rank(c, 0, 2, device=G3).nodes[name].inputs == [0.125]
     assert scales_for_rank(cfg(dump_stats_path=prefix, recalc_scales=True), 0, 2, device=G3).nodes[name].inputs == [0.5]
+    assert scales_for_rank(c, 0, 2, device=G3).nodes[name].inputs == [0.5]   # recalc rewrote the cache
+    # a dict-form method (the same preset, another activation backoff) is recomputed and not cached:
+    # its scales must not become what the plain preset reads next
+    backoff_1 = cfg(dump_stats_path=prefix, scale_method={
+        "default": {"weight": {"rounding_method": "HW_ALIGNED", "backoff": 0.5},
+                    "activation": {"rounding_method": "HW_ALIGNED", "backoff": 1.0}}})
+    assert backoff_1.method_name == c.method_name
+    assert scales_for_rank(backoff_1, 0, 2, device=G3).nodes[name].inputs == [0.125]   # 40 / 448, up to 2^-3
+    assert scales_for_rank(c, 0, 2, device=G3).nodes[name].inputs == [0.5]
     # a node blocklisted since the cache was written stays out of the scales (bf16), as INC's
     # should_quantize leaves it out whatever the cache holds
     other = name.replace("layers.0.", "layers.1.")

@@ -48,7 +48,10 @@ class CoreGroup:
 
 
 def _stop_cores(procs, conns, ipc_dir: str, state: dict, timeout: float = 30.0):
-    if not state["configured"]:  # still importing or waiting for a config: nothing to stop cleanly
+    if not state["ready"]:
+        # still importing, waiting for a config or loading its model (minutes for a large one): a
+        # core reads its pipe only once it is ready, so Ctrl-C during start-up would wait out the
+        # timeout. Nothing is in flight yet: kill it (its tensor-parallel workers see the pipe close).
         for proc in procs:
             proc.kill()
         for proc in procs:
@@ -58,13 +61,18 @@ def _stop_cores(procs, conns, ipc_dir: str, state: dict, timeout: float = 30.0):
             conn.send("shutdown")
         except (OSError, ValueError):
             pass
-    if state["configured"]:
+    if state["ready"]:
         from herd.parallel.mp_executor import join_or_kill
 
         join_or_kill(procs, timeout, kill_wait_s=5.0)
     for conn in conns:
         conn.close()
     shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+class EngineCoreDied(RuntimeError):
+    """An engine core process ended while loading its model without saying why (killed, e.g. for
+    memory, or crashed in native code): `herd serve` reports it in one line."""
 
 
 class SplitUnavailable(RuntimeError):
@@ -141,7 +149,7 @@ class EngineCoreProcs:
         self.procs, self.conns = [], []
         self.group: CoreGroup | None = None
         self._config = None
-        self._state = {"configured": False}
+        self._state = {"ready": False}
         self._finalizer = weakref.finalize(self, _stop_cores, self.procs, self.conns, self.ipc_dir, self._state)
         ctx = mp.get_context("spawn")
         try:
@@ -165,7 +173,6 @@ class EngineCoreProcs:
             self.shutdown()
             raise
         self._config = config
-        self._state["configured"] = True
         for i, conn in enumerate(self.conns):
             try:
                 conn.send(("config", config, self.addrs[i], self.client_addrs, devices[i]))
@@ -195,6 +202,7 @@ class EngineCoreProcs:
                 self.shutdown()
                 raise
             self.group = CoreGroup(infos, self.client_addrs, self._config.cache.block_size, self.procs)
+            self._state["ready"] = True
         return self.group
 
     def _wait_ready(self, i: int, addr: str) -> CoreInfo:
@@ -215,7 +223,8 @@ class EngineCoreProcs:
                     hint = ("; a script that starts herd needs the `if __name__ == \"__main__\":` guard"
                             if proc.exitcode == SPAWN_REIMPORT_EXIT else "")
                     raise SplitUnavailable(f"{what} could not start ({exit_reason(proc.exitcode)}){hint}")
-                raise RuntimeError(f"{what} died while starting ({exit_reason(proc.exitcode)})")
+                oom = "; the system may have run out of memory" if proc.exitcode == -signal.SIGKILL else ""
+                raise EngineCoreDied(f"{what} died while starting ({exit_reason(proc.exitcode)}){oom}")
             if msg[0] != "started":
                 break
             started = True

@@ -250,7 +250,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from herd.engine.core_procs import EngineCoreProcs, SplitUnavailable
+    from herd.engine.core_procs import EngineCoreDied, EngineCoreProcs, SplitUnavailable
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     procs = None
@@ -291,6 +291,9 @@ def _run(args) -> int:
             procs.shutdown()
         print(f"herd serve: error: {e}", file=sys.stderr)
         return 2
+    except EngineCoreDied as e:  # the processes are stopped
+        print(f"herd serve: error: {e}", file=sys.stderr)
+        return 1
     except BaseException:
         if procs is not None:
             procs.shutdown()

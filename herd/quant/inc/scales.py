@@ -360,9 +360,9 @@ def scales_for_rank(config: IncQuantConfig, rank: int | None = None, world_size:
                     device: "str | ScaleDevice" = ScaleDevice.CUDA, weights: "WeightSource" = None,
                     node_classes: Mapping[str, str] | None = None) -> ScaleFile:
     """QUANTIZE-time entry point, INC's caching included: reuse the rank's scale cache unless
-    `recalc_scales` (or a dict-form scale_method, which INC always recomputes); otherwise read the
-    rank's measurements, compute the scales and write the cache. A single rank (rank None or world 1)
-    reads `_0_1` or unsuffixed files and writes `_0_1` (see nodes.rank_stems). For CUDA the cache is
+    `recalc_scales` (or a dict-form scale_method, which INC always recomputes and herd never
+    caches); otherwise read the rank's measurements, compute the scales and write the cache. A single
+    rank (rank None or world 1) reads `_0_1` or unsuffixed files and writes `_0_1` (see nodes.rank_stems). For CUDA the cache is
     `<METHOD>_CUDA`; INC's own cache (e.g. from vLLM-HPU's step 4) is used only when there are no
     measurements to compute from."""
     separate = config.seperate_measure_files
@@ -385,5 +385,8 @@ def scales_for_rank(config: IncQuantConfig, rank: int | None = None, world_size:
             f"{Path(meas_stems[0]).parent} (looked for {tried}): run `herd calibrate` (MEASURE) first, "
             "or unify existing measurements to this world size (`herd calibrate ... -r N`)")
     scales = compute_scales(Measurements.load(meas), config, device, weights, node_classes, progress=True)
-    scales.save(own[0])
+    if not config.scale_method.from_dict:
+        # a dict-form method is recomputed every time, and its file would carry the preset's name:
+        # a later run with the plain preset would read these scales as its own
+        scales.save(own[0])
     return scales
