@@ -48,7 +48,16 @@ class CoreGroup:
 
 
 def _stop_cores(procs, conns, ipc_dir: str, state: dict, timeout: float = 30.0):
-    if not state["ready"]:
+    if state["ready"]:
+        for conn in conns:
+            try:
+                conn.send("shutdown")
+            except (OSError, ValueError):
+                pass
+        from herd.parallel.mp_executor import join_or_kill
+
+        join_or_kill(procs, timeout, kill_wait_s=5.0)
+    else:
         # still importing, waiting for a config or loading its model (minutes for a large one): a
         # core reads its pipe only once it is ready, so Ctrl-C during start-up would wait out the
         # timeout. Nothing is in flight yet: kill it (its tensor-parallel workers see the pipe close).
@@ -56,15 +65,6 @@ def _stop_cores(procs, conns, ipc_dir: str, state: dict, timeout: float = 30.0):
             proc.kill()
         for proc in procs:
             proc.join(5.0)
-    for conn in conns:
-        try:
-            conn.send("shutdown")
-        except (OSError, ValueError):
-            pass
-    if state["ready"]:
-        from herd.parallel.mp_executor import join_or_kill
-
-        join_or_kill(procs, timeout, kill_wait_s=5.0)
     for conn in conns:
         conn.close()
     shutil.rmtree(ipc_dir, ignore_errors=True)

@@ -361,9 +361,9 @@ def scales_for_rank(config: IncQuantConfig, rank: int | None = None, world_size:
                     node_classes: Mapping[str, str] | None = None) -> ScaleFile:
     """QUANTIZE-time entry point, INC's caching included: reuse the rank's scale cache unless
     `recalc_scales` (or a dict-form scale_method, which INC always recomputes and herd never
-    caches); otherwise read the rank's measurements, compute the scales and write the cache. A single
-    rank (rank None or world 1) reads `_0_1` or unsuffixed files and writes `_0_1` (see nodes.rank_stems). For CUDA the cache is
-    `<METHOD>_CUDA`; INC's own cache (e.g. from vLLM-HPU's step 4) is used only when there are no
+    caches); otherwise read the rank's measurements, compute the scales and write the cache. A
+    single rank (rank None or world 1) reads `_0_1` or unsuffixed files and writes `_0_1` (see
+    nodes.rank_stems). For CUDA the cache is `<METHOD>_CUDA`; INC's own cache (e.g. from vLLM-HPU's step 4) is used only when there are no
     measurements to compute from."""
     separate = config.seperate_measure_files
     recalc = config.recalc_scales or config.scale_method.from_dict
