@@ -36,7 +36,9 @@ past it is stopped, and killed at 120 s. --in-process runs everything in one pro
            runner, the rest is scheduling / detokenizing) and prefill tokens/s (16 x 1024 tokens in
            one step), in BF16 and online FP8 (quantization="fp8"), CUDA graphs on (captured_sizes
            shows they ran); each figure also as a ratio to the `herd plan` roofline for this device
-           (H100 / H200 from the device name), layer count and batch.
+           (H100 / H200 from the device name), layer count and batch. Then a profile of 10 decode
+           steps at batch 1 and 64 (--profile-batches): wall and device-busy ms per step and the
+           kernels that take the most device time, to place the gap to the roofline.
 
 --cpu-smoke runs the same code on the CPU at tiny shapes (Triton under TRITON_INTERPRET=1, tiny
 models, enforce_eager; CUDA graphs cannot be captured there, so the graphs section then compares
@@ -720,6 +722,60 @@ def drive(llm, prompts: list[list[int]], params) -> dict:
             "decode_exec_s": decode_exec_s, "decode_steps": decode_steps, "decode_tokens": decode_tokens}
 
 
+def profile_decode(llm, prompts: list[list[int]], steps: int, cuda: bool) -> dict:
+    """Where one decode step's time goes: the requests are prefilled and decode twice unprofiled,
+    then `steps` all-decode steps run under torch.profiler. Reports the wall time per step, the
+    device's kernel time per step (their sum: idle gaps = wall - busy) and the kernels that take
+    most of it, so the gap to the roofline can be placed (host gaps vs slow kernels)."""
+    from herd import SamplingParams
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.llm_engine
+    rids = [f"gpu-check-prof-{next(_REQ)}" for _ in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    try:
+        for rid, p in zip(rids, prompts):
+            engine.add_request(rid, {"prompt_token_ids": p}, params)
+        for _ in range(64):              # until every request has its first token, then 2 more
+            outs = engine.step()
+            if len(outs) == len(rids) and all(len(o.outputs[0].token_ids) >= 3 for o in outs):
+                break
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        t = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                engine.step()
+            _sync_cuda(cuda)
+        wall = time.perf_counter() - t
+    finally:
+        for rid in rids:
+            engine.abort_request(rid)
+    # kernel events (CUPTI records the kernels a CUDA-graph replay runs too); on the CPU smoke run
+    # the CPU ops stand in for them (nested, so their sum overcounts: only the code path is tested)
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    agg: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == kind:
+            a = agg.setdefault(e.name, [0.0, 0])
+            a[0] += e.time_range.elapsed_us()
+            a[1] += 1
+    top = sorted(agg.items(), key=lambda kv: kv[1][0], reverse=True)
+    busy = sum(us for us, _ in agg.values())
+    return {"steps": steps, "ms_per_step": 1e3 * wall / steps, "device_busy_ms_per_step": busy / 1e3 / steps,
+            "device_busy_fraction": (busy / 1e6) / wall if wall > 0 else None,
+            "kernels_per_step": sum(n for _, n in agg.values()) / steps,
+            "top_kernels": [{"name": name[:120], "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps,
+                             "share": us / busy if busy else None} for name, (us, n) in top[:14]]}
+
+
+def _sync_cuda(cuda: bool) -> None:
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+
+
 def _random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     import random
 
@@ -925,6 +981,24 @@ def section_perf(ctx: Ctx) -> dict:
                 ctx.publish(out)
                 log(f"  perf {prec} prefill: {row.get('prefill_tok_s')} tok/s (ratio {row.get('ratio_to_roofline')})"
                     f"{' ' + row['error'] if 'error' in row else ''}")
+            prof_batches = sorted({min(int(b), max_batch) for b in ctx.args.profile_batches.split(",") if b})
+            if prof_batches:
+                run["profile"] = {}
+            for B in prof_batches:
+                if ctx.budget.spent():
+                    run["profile"][str(B)] = {"skipped": ctx.budget.note()}
+                    continue
+                try:
+                    prompts = _random_prompts(B, s["prompt_len"], text_cfg["vocab_size"], seed=3000 + B)
+                    run["profile"][str(B)] = prof = profile_decode(llm, prompts, 4 if ctx.smoke else 10, ctx.cuda)
+                    log(f"  perf {prec} profile batch {B}: {prof['ms_per_step']:.2f} ms/step, device busy "
+                        f"{prof['device_busy_ms_per_step']:.2f} ms; top: "
+                        + ", ".join(f"{k['name'][:40]} {k['ms_per_step']:.2f}" for k in prof["top_kernels"][:4]))
+                except SectionTimeout:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    run["profile"][str(B)] = error_record(e)
+                ctx.publish(out)
             gmode, sizes = _decode_graph_sizes(llm)
             run.update(graph_mode=gmode, captured_sizes=sizes)
             if ctx.cuda:
@@ -962,6 +1036,8 @@ def parse_args(argv=None):
                     help="tiny shapes on the CPU, Triton interpreted (tests this script without a GPU)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--perf-batches", default="1,16,64,256", help="decode batch sizes of the perf section")
+    ap.add_argument("--profile-batches", default="1,64",
+                    help="decode batch sizes whose steps the perf section profiles (kernel time per step; '' = none)")
     ap.add_argument("--perf-layers", type=int, default=None, help="layer count of the perf model (default: fit)")
     ap.add_argument("--perf-mem-frac", type=float, default=0.6,
                     help="fraction of the GPU memory the perf model's BF16 weights may take")
@@ -1057,7 +1133,8 @@ def _child_section(name: str, args, budget: Budget, tmpdir: str, progress, extra
     path = os.path.join(tmpdir, "-".join([name, *extra]).replace("--_", "") + ".json")
     cmd = [sys.executable, os.path.abspath(__file__), "--_section", name, "--_result", path, *extra,
            "--_deadline", repr(budget.deadline), "--budget-s", repr(args.budget_s),
-           "--perf-batches", args.perf_batches, "--perf-mem-frac", repr(args.perf_mem_frac)]
+           "--perf-batches", args.perf_batches, "--perf-mem-frac", repr(args.perf_mem_frac),
+           "--profile-batches", args.profile_batches]
     if args.perf_layers:
         cmd += ["--perf-layers", str(args.perf_layers)]
     if args.cpu_smoke:

@@ -268,3 +268,32 @@ def test_reshape_and_cache_matches_store_kv(kv_dtype, k_scale, v_scale):
     reshape_and_cache(k.to(DEVICE), v.to(DEVICE), kc, vc, slots.to(DEVICE), ks, vs)
     assert torch.equal(kc.cpu().view(torch.uint8), ref_k.view(torch.uint8))
     assert torch.equal(vc.cpu().view(torch.uint8), ref_v.view(torch.uint8))
+
+
+def test_fp8_kv_quotients_are_correctly_rounded_on_every_path():
+    """bf16 0.75 / fp32(0.015) rounds to exactly 50.0, an e4m3 tie (48 | 52) that goes to the
+    even 48; multiplying by the reciprocal instead (torch's CUDA path for a Python-scalar divisor)
+    gives 50.000004 -> 52. The reference store, the sdpa backend's quantizer and the Triton cache
+    kernel must all store the correctly rounded quotient, whatever type the scale has."""
+    import numpy as np
+
+    from herd.ops.attention import quantize_kv
+
+    scale = 0.015
+    x = torch.tensor([0.75, -0.75, 0.375, 1.5, 0.7734375, 3.0], dtype=torch.bfloat16)
+    quot = np.float32(x.float().numpy()) / np.float32(scale)           # numpy: IEEE fp32 division
+    want = torch.from_numpy(np.clip(quot, -448, 448)).to(FP8).view(torch.uint8)
+    assert want[0] == torch.tensor(48.0).to(FP8).view(torch.uint8)     # the tie went to even
+    rows = x.view(-1, 1, 1).expand(-1, 1, 2).contiguous().to(DEVICE)   # [T, Hkv=1, d=2]
+    for s in (scale, torch.tensor([scale], device=DEVICE), torch.tensor(scale)):
+        got = quantize_kv(rows, s, FP8).view(torch.uint8)[:, 0, 0].cpu()
+        assert torch.equal(got, want), s
+        slots = torch.arange(len(x), dtype=torch.int64, device=DEVICE)
+        kc = torch.zeros(1, 16, 1, 2, device=DEVICE).to(FP8)
+        vc = torch.zeros_like(kc)
+        store_kv(rows, rows, kc, vc, slots, s, s)
+        assert torch.equal(kc.view(torch.uint8)[0, :len(x), 0, 0].cpu(), want), s
+        kt, vt = torch.zeros_like(kc), torch.zeros_like(vc)
+        reshape_and_cache(rows, rows, kt, vt, slots, s if not torch.is_tensor(s) else s.reshape(1).to(DEVICE),
+                          s if not torch.is_tensor(s) else s.reshape(1).to(DEVICE))
+        assert torch.equal(vt.view(torch.uint8)[0, :len(x), 0, 0].cpu(), want), s

@@ -13,6 +13,17 @@ import torch.nn.functional as F
 FP8_KV_DTYPES = (torch.float8_e4m3fn,)
 
 
+def quantize_kv(x: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+    """clamp(x / scale, +-448) as fp8, the quotient correctly rounded on every device. On CUDA
+    torch divides by a Python (or CPU) scalar as a multiply by its reciprocal, which rounds some
+    ties the other way (bf16 0.75 / 0.015 is 50.0 exactly, 0.75 * (1 / 0.015) 50.000004: e4m3 48
+    vs 52); a scale on x's device divides, as the CPU and the Triton cache kernel do."""
+    x = x.float()
+    if not isinstance(scale, torch.Tensor) or scale.device != x.device:
+        scale = x.new_full((), float(scale))
+    return (x / scale).clamp(-448, 448).to(dtype)
+
+
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """Boolean [Tq, Tk]: causal, and on chunked layers only keys in the query's chunk."""
     mask = k_pos[None, :] <= q_pos[:, None]
@@ -40,8 +51,7 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
     kc, vc = k_cache.view(-1, nkv, d), v_cache.view(-1, nkv, d)
     kk, vv = k[keep], v[keep]
     if k_cache.dtype in FP8_KV_DTYPES:
-        kk = (kk.float() / k_scale).clamp(-448, 448)
-        vv = (vv.float() / v_scale).clamp(-448, 448)
+        kk, vv = quantize_kv(kk, k_scale, k_cache.dtype), quantize_kv(vv, v_scale, v_cache.dtype)
     kc[slots] = kk.to(k_cache.dtype)
     vc[slots] = vv.to(v_cache.dtype)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from herd.attention.backends.abstract import AttentionBackend
 from herd.attention.metadata import next_pow2
-from herd.ops.attention import FP8_KV_DTYPES, attention_mask
+from herd.ops.attention import FP8_KV_DTYPES, attention_mask, quantize_kv
 from herd.ops.cpu import cpu_paged_decode_supported
 
 
@@ -65,8 +65,8 @@ def _store(k, v, k_cache, v_cache, slots, k_scale, v_scale):
     nkv, d = k_cache.shape[-2], k_cache.shape[-1]
     if k_cache.dtype in FP8_KV_DTYPES:
         # index_copy_ has no fp8 kernel on every device: copy the bytes
-        k = (k.float() / k_scale).clamp(-448, 448).to(k_cache.dtype).view(torch.uint8)
-        v = (v.float() / v_scale).clamp(-448, 448).to(v_cache.dtype).view(torch.uint8)
+        k = quantize_kv(k, k_scale, k_cache.dtype).view(torch.uint8)
+        v = quantize_kv(v, v_scale, v_cache.dtype).view(torch.uint8)
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_cache.view(-1, nkv, d).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, nkv, d).index_copy_(0, slots, v.to(v_cache.dtype))

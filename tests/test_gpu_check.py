@@ -1,0 +1,32 @@
+"""benchmarks/gpu_check.py must work the first time a GPU is lent: its --cpu-smoke mode runs every
+section's code on tiny shapes (Triton interpreted, tiny models, eager) and must pass its own
+checks and report every figure."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--cpu-smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line == json.loads(out.read_text())
+    sec = line["sections"]
+    assert sec["env"]["mode"] == "cpu-smoke"
+    summary = sec["kernels"]["summary"]
+    assert summary["all_pass"] and summary["cases"] >= 30 and not summary["failed"], summary
+    assert sec["graphs"]["all_pass"] and sec["graphs"]["cases"], sec["graphs"]
+    for prec in ("bf16", "fp8"):
+        run = sec["perf"]["runs"][prec]
+        assert "error" not in run, run
+        for row in run["decode"].values():
+            assert row["decode_tok_s"] > 0 and row["decode_steps"] > 0, row
+        assert run["prefill"]["prefill_tok_s"] > 0
+        for prof in run["profile"].values():
+            assert prof["steps"] > 0 and prof["top_kernels"], prof
+    assert not line["budget_exceeded"]
