@@ -40,6 +40,11 @@ past it is stopped, and killed at 120 s. --in-process runs everything in one pro
            steps at batch 1 and 64 (--profile-batches): wall and device-busy ms per step and the
            kernels that take the most device time, to place the gap to the roofline.
 
+  moe_bench herd's Triton grouped MoE GEMM (herd/ops/triton/moe_gemm.py) against torch._grouped_mm
+           / torch._scaled_grouped_mm on Scout's expert shapes at decode sizes (T = 1, 16, 64, 256,
+           top-1 of 16 experts), its default tiles and a sweep: ms, GB/s of active expert weights,
+           error against the torch kernel.
+
 --cpu-smoke runs the same code on the CPU at tiny shapes (Triton under TRITON_INTERPRET=1, tiny
 models, enforce_eager; CUDA graphs cannot be captured there, so the graphs section then compares
 two eager runs) so the script itself can be tested without a GPU, in well under a minute:
@@ -67,7 +72,7 @@ for _p in (HERE, REPO):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-SECTIONS = ("env", "kernels", "graphs", "perf")
+SECTIONS = ("env", "kernels", "graphs", "perf", "moe_bench")
 PERF_PRECISIONS = ("bf16", "fp8")
 T0 = float(os.environ.get("GPU_CHECK_T0") or time.time())   # section processes log the parent's clock
 
@@ -449,7 +454,10 @@ def kernel_moe_case(ctx: Ctx, *, T, top_k, fp8) -> dict:
         out = fused_moe(x, w13, w2, top_idx, weights)
         _sync(ctx)
         rel = _max_err(out, ref_bf16) / scale
-        return {"path": "grouped_mm" if grouped_moe_supported(x, w13, w2) else "reference fallback",
+        from herd.ops.moe import triton_moe_gemm
+        path = ("triton" if triton_moe_gemm(T * top_k, E, x.device) else "grouped_mm") if grouped_moe_supported(
+            x, w13, w2) else "reference fallback"
+        return {"path": path,
                 "max_abs_err": _max_err(out, ref_bf16), "rel_err": rel, "tol_rel": MOE_TOL["bf16"],
                 "pass": _finite(out) and rel <= MOE_TOL["bf16"]}
 
@@ -544,7 +552,10 @@ def section_kernels(ctx: Ctx) -> dict:
                 moe.append((f"{'fp8' if fp8_moe else 'bf16'}-T{T}-top{k}",
                             partial(kernel_moe_case, ctx, T=T, top_k=k, fp8=fp8_moe)))
     out: dict = {}
+    groups = ctx.args.kernel_groups.split(",")
     for group, cases in (("reshape_and_cache", cache), ("paged_attention", attn), ("paged_decode", dec), ("moe", moe)):
+        if group not in groups:
+            continue
         log(f"kernels: {group} ({len(cases)} cases)")
         _run_cases(ctx, group, cases, out)
     rows = [r for g in out.values() for r in g]
@@ -1024,6 +1035,135 @@ def section_perf(ctx: Ctx) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# moe_bench
+# ------------------------------------------------------------------------------------------------
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M comes from default_config (rows per expert)
+MOE_BENCH_TILES = ((32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (128, 128, 8, 4),
+                   (32, 256, 4, 4))
+
+
+def _time_ms(ctx: Ctx, fn) -> float:
+    """Median ms of fn() (CUDA events via triton.testing.do_bench; on the CPU smoke run a few
+    host-timed calls)."""
+    if ctx.cuda:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
+    fn()
+    t = time.perf_counter()
+    for _ in range(2):
+        fn()
+    return 1e3 * (time.perf_counter() - t) / 2
+
+
+def section_moe_bench(ctx: Ctx) -> dict:
+    """herd's Triton grouped MoE GEMM against torch._grouped_mm (bf16) / torch._scaled_grouped_mm
+    (fp8) on Scout's expert shapes (16 experts; gate_up N=16384 K=5120, down N=5120 K=8192) at
+    decode sizes (T tokens, top-1, uniform random routing): ms, the weight bytes of the experts that
+    have rows over that time (GB/s), and each tile config's error against the torch kernel."""
+    if not ctx.cuda and not ctx.smoke:
+        return {"skipped": "needs CUDA (or --cpu-smoke)"}
+    import torch
+
+    from herd.ops.fp8 import FP8_DTYPE, quantize_per_token
+    from herd.ops.triton.moe_gemm import MoeGemmConfig, default_config, moe_gemm
+
+    E = 4 if ctx.smoke else 16
+    shapes = {"w13": (64, 48), "w2": (48, 32)} if ctx.smoke else {"w13": (16384, 5120), "w2": (5120, 8192)}
+    tokens = (1, 6) if ctx.smoke else (1, 16, 64, 256)
+    tiles = MOE_BENCH_TILES[:2] if ctx.smoke else MOE_BENCH_TILES
+    out: dict = {"experts": E, "shapes": {k: {"N": n, "K": kk} for k, (n, kk) in shapes.items()}, "rows": []}
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    for prec in ("bf16", "fp8"):
+        scaled = prec == "fp8"
+        if scaled and ctx.cuda and not hasattr(torch, "_scaled_grouped_mm"):
+            out["rows"].append({"precision": prec, "skipped": "torch._scaled_grouped_mm is missing"})
+            continue
+        for which, (N, K) in shapes.items():
+            w = (torch.randn(E, N, K, device=ctx.device, generator=g) * 0.02).to(torch.bfloat16)
+            if scaled:
+                w_scale = (w.float().abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
+                wq = (w.float() / w_scale).to(FP8_DTYPE)
+                del w
+                b_scale = w_scale.reshape(E, N).contiguous()
+            for T in tokens:
+                if ctx.budget.spent():
+                    out["rows"].append({"precision": prec, "proj": which, "T": T, "skipped": ctx.budget.note()})
+                    continue
+                x = torch.randn(T, K, device=ctx.device, generator=g).to(torch.bfloat16)
+                ids = torch.sort(torch.randint(0, E, (T,), device=ctx.device, generator=g)).values
+                counts = torch.zeros(E, dtype=torch.long, device=ctx.device).scatter_add_(0, ids, torch.ones_like(ids))
+                offs = counts.cumsum(0).to(torch.int32)
+                active = int((counts > 0).sum())
+                if scaled:
+                    xq, x_scale = quantize_per_token(x)
+                    ref_fn = lambda: torch._scaled_grouped_mm(  # noqa: E731
+                        xq, wq.transpose(-2, -1), x_scale.reshape(-1), b_scale, offs=offs, out_dtype=torch.bfloat16) \
+                        if ctx.cuda else torch._grouped_mm(xq.float() * x_scale, (wq.float() * w_scale).transpose(-2, -1),
+                                                           offs=offs).bfloat16()
+                    run = lambda cfg: moe_gemm(xq, wq, offs, x_scale, w_scale, out_dtype=torch.bfloat16,  # noqa: E731
+                                               config=cfg)
+                    wbytes = active * N * K
+                else:
+                    ref_fn = lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)  # noqa: E731
+                    run = lambda cfg: moe_gemm(x, w, offs, config=cfg)  # noqa: E731
+                    wbytes = active * N * K * 2
+                row = {"precision": prec, "proj": which, "T": T, "active_experts": active, "weight_bytes": wbytes}
+                try:
+                    ref = ref_fn()
+                    scale = float(ref.float().abs().max()) or 1.0
+                    row["torch_ms"] = _time_ms(ctx, ref_fn)
+                    row["torch_gb_s"] = wbytes / row["torch_ms"] / 1e6
+                    cands = [None] + [MoeGemmConfig(default_config(T, E, N, K, scaled).block_m, *t) for t in tiles]
+                    row["triton"] = []
+                    for cfg in cands:
+                        got = run(cfg)
+                        err = float((got.float() - ref.float()).abs().max()) / scale
+                        ms = _time_ms(ctx, lambda cfg=cfg: run(cfg))
+                        row["triton"].append({"config": "default" if cfg is None else list(cfg), "ms": ms,
+                                              "gb_s": wbytes / ms / 1e6, "rel_err": err,
+                                              "ok": bool(torch.isfinite(got.float()).all()) and err <= 2e-2})
+                    best = min((c for c in row["triton"] if c["ok"]), key=lambda c: c["ms"], default=None)
+                    row["best"] = best and {"config": best["config"], "ms": best["ms"], "gb_s": best["gb_s"],
+                                            "speedup_vs_torch": row["torch_ms"] / best["ms"]}
+                    row["default_speedup_vs_torch"] = row["torch_ms"] / row["triton"][0]["ms"]
+                    row["all_ok"] = all(c["ok"] for c in row["triton"])
+                except SectionTimeout:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    row.update(error_record(e))
+                out["rows"].append(row)
+                ctx.publish(out)
+                if "error" in row:
+                    log(f"  moe_bench {prec} {which} T{T}: {row['error']}")
+                else:
+                    log(f"  moe_bench {prec} {which} T{T}: torch {row['torch_ms']:.3f} ms, triton default "
+                        f"{row['triton'][0]['ms']:.3f} ms, best {row['best'] and row['best']['config']} "
+                        f"{row['best'] and round(row['best']['ms'], 3)} ms ({row['best'] and round(row['best']['gb_s'])} GB/s)"
+                        f"{'' if row['all_ok'] else ' SOME CONFIGS WRONG'}")
+            ref_fn = run = ref = None     # drop this projection's weights before the next one
+            if scaled:
+                del wq
+            else:
+                del w
+            collect_cuda(ctx)
+    ok_rows = [r for r in out["rows"] if "triton" in r]
+    out["all_ok"] = bool(ok_rows) and all(r["all_ok"] for r in ok_rows)
+    return out
+
+
+def collect_cuda(ctx: Ctx) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
 
@@ -1036,6 +1176,8 @@ def parse_args(argv=None):
                     help="tiny shapes on the CPU, Triton interpreted (tests this script without a GPU)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--perf-batches", default="1,16,64,256", help="decode batch sizes of the perf section")
+    ap.add_argument("--kernel-groups", default="reshape_and_cache,paged_attention,paged_decode,moe",
+                    help="which kernel parity groups the kernels section runs")
     ap.add_argument("--profile-batches", default="1,64",
                     help="decode batch sizes whose steps the perf section profiles (kernel time per step; '' = none)")
     ap.add_argument("--perf-layers", type=int, default=None, help="layer count of the perf model (default: fit)")
@@ -1134,7 +1276,7 @@ def _child_section(name: str, args, budget: Budget, tmpdir: str, progress, extra
     cmd = [sys.executable, os.path.abspath(__file__), "--_section", name, "--_result", path, *extra,
            "--_deadline", repr(budget.deadline), "--budget-s", repr(args.budget_s),
            "--perf-batches", args.perf_batches, "--perf-mem-frac", repr(args.perf_mem_frac),
-           "--profile-batches", args.profile_batches]
+           "--profile-batches", args.profile_batches, "--kernel-groups", args.kernel_groups]
     if args.perf_layers:
         cmd += ["--perf-layers", str(args.perf_layers)]
     if args.cpu_smoke:

@@ -29,4 +29,8 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
         assert run["prefill"]["prefill_tok_s"] > 0
         for prof in run["profile"].values():
             assert prof["steps"] > 0 and prof["top_kernels"], prof
+    bench = sec["moe_bench"]
+    assert bench["all_ok"] and len(bench["rows"]) == 8, bench
+    for row in bench["rows"]:
+        assert row["torch_ms"] > 0 and row["best"]["ms"] > 0 and row["active_experts"] >= 1, row
     assert not line["budget_exceeded"]

@@ -2,9 +2,10 @@
 
 fused_moe_ref: the readable reference; sort (token, expert) pairs by expert, one GEMM pair per
 expert in a Python loop (host syncs, index_add_).
-fused_moe: the fast path; routing, permutation and unpermutation on the device and one
-torch._grouped_mm per projection for all experts; falls back to the reference when the kernel
-cannot take the shapes or dtype.
+fused_moe: the fast path; routing, permutation and unpermutation on the device and one grouped
+GEMM per projection for all experts (grouped_gemm: torch._grouped_mm, herd's CPU kernel, or on
+CUDA at decode sizes herd's Triton kernel); falls back to the reference when no kernel can take
+the shapes or dtype.
 
 Weights: w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I]. Llama 4 applies the router weight
 to the expert *input* (before the SwiGLU), so it cannot be folded into the output.
@@ -154,11 +155,32 @@ def _weight_layout_ok(w: torch.Tensor) -> bool:
 CPU_KERNEL_MAX_ROWS_PER_EXPERT = 16
 
 
+# On CUDA, up to this many rows per expert on average (decode batches) herd's Triton grouped GEMM
+# streams the expert weights faster than torch._grouped_mm, which is tiled for prefill-sized M.
+TRITON_MAX_ROWS_PER_EXPERT = 32
+
+
+def triton_moe_gemm(rows: int, num_experts: int, device: torch.device):
+    """herd.ops.triton.moe_gemm.moe_gemm for a decode-sized grouped GEMM on CUDA, else None (CPU,
+    prefill-sized, or Triton not installed)."""
+    if device.type != "cuda" or rows > TRITON_MAX_ROWS_PER_EXPERT * num_experts:
+        return None
+    try:
+        from herd.ops.triton.moe_gemm import moe_gemm
+    except ImportError:
+        return None
+    return moe_gemm
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """a [M, K] sorted by expert, w [E, N, K] -> [M, N]; rows past offs[-1] are uninitialized.
     On the CPU herd's kernel where it takes the weights (it streams them 1.3-3x faster than
     torch's CPU grouped GEMM at decode batch sizes; docs/benchmarks.md), else torch._grouped_mm;
-    the kernel also wherever torch's could not run (under tracing in fp32, unaligned rows)."""
+    the kernel also wherever torch's could not run (under tracing in fp32, unaligned rows). On
+    CUDA herd's Triton kernel for decode-sized batches (triton_moe_gemm), else torch._grouped_mm."""
+    moe_gemm = triton_moe_gemm(a.shape[0], w.shape[0], a.device)
+    if moe_gemm is not None:
+        return moe_gemm(a, w, offs)
     if cpu_grouped_gemm_supported(a.dtype, w) and (
             a.shape[0] <= CPU_KERNEL_MAX_ROWS_PER_EXPERT * w.shape[0] or torch.compiler.is_compiling()
             or not _aligned(a.shape[-1], a.dtype)):

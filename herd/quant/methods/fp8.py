@@ -63,7 +63,10 @@ class Fp8MoEMethod:
     apply() runs the grouped fast path (herd.ops.moe.fused_moe): the activations of a projection are
     quantized once for all experts (per-token dynamic scales on the permuted rows, or each row's
     expert's static input scale), then
-      * CUDA sm90/sm100 with bf16 activations: torch._scaled_grouped_mm, the GEMM in FP8;
+      * CUDA sm90/sm100 with bf16 activations: torch._scaled_grouped_mm, the GEMM in FP8. (herd's
+        Triton kernel takes the same W8A8 product and streamed the weights 1.5x faster at decode
+        sizes on an H200, but its output is not yet shown to be as accurate: one fused-MoE parity
+        check went 3.1% over a 3% tolerance; docs/benchmarks.md, GPU. Not used until it is.)
       * CPU: weights and activations dequantized to fp32 (exactly as the reference fp8_linear_ref
         does) and torch._grouped_mm in fp32. This is for accuracy, not speed: it builds an fp32
         copy of every expert's weights on each call;
