@@ -20,8 +20,9 @@ past it is stopped, and killed at 120 s. --in-process runs everything in one pro
            bf16 / fp16, FP8 KV with float and tensor scales; freed (-1) and unused cache slots hold
            NaN, so any stray read shows up), paged_decode with 1, 4 and the default number of
            splits, reshape_and_cache (bit-exact against store_kv), fused_moe vs fused_moe_ref in
-           bf16 and Fp8MoEMethod's grouped FP8 GEMM vs its per-expert reference. Max abs error
-           per case and pass / fail against tolerances.
+           bf16 and Fp8MoEMethod's grouped FP8 GEMM vs its per-expert reference; fp8-triton-*:
+           herd's Triton FP8 expert GEMM vs torch's, each by its distance from the unquantized
+           layer (8 draws). Max abs error per case and pass / fail against tolerances.
   graphs   Greedy parity, eager (enforce_eager=True) vs CUDA graphs (enforce_eager=False, the
            default triton backend), tiny Scout-like and Maverick-like checkpoints in bf16 (fp32
            only where herd's grouped MoE GEMM takes it: on CUDA it is bf16-only, and its fp32
@@ -35,7 +36,7 @@ past it is stopped, and killed at 120 s. --in-process runs everything in one pro
            every sequence decodes are timed; executor_ms_per_step is the share spent in the model
            runner, the rest is scheduling / detokenizing) and prefill tokens/s (16 x 1024 tokens in
            one step), in BF16 and online FP8 (quantization="fp8"), CUDA graphs on (captured_sizes
-           shows they ran); each figure also as a ratio to the `herd plan` roofline for this device
+           shows they ran; --fp8-moe triton: herd's Triton FP8 expert GEMM); each figure also as a ratio to the `herd plan` roofline for this device
            (H100 / H200 from the device name), layer count and batch. Then a profile of 10 decode
            steps at batch 1 and 64 (--profile-batches): wall and device-busy ms per step and the
            kernels that take the most device time, to place the gap to the roofline.
@@ -484,6 +485,70 @@ def kernel_moe_case(ctx: Ctx, *, T, top_k, fp8) -> dict:
             "pass": _finite(out) and rel <= MOE_TOL["fp8"]}
 
 
+@contextlib.contextmanager
+def triton_fp8_moe(ctx: Ctx):
+    """Fp8MoEMethod with herd's Triton grouped GEMM at decode sizes (herd.quant.methods.fp8.
+    TRITON_FP8_MOE). On the CPU smoke run the kernel is forced in (interpreted) where CUDA would
+    take it, so that the code path runs."""
+    from unittest import mock
+
+    import herd.quant.methods.fp8 as fp8mod
+    patches = [mock.patch.object(fp8mod, "TRITON_FP8_MOE", True)]
+    if ctx.smoke:
+        from herd.ops.triton.moe_gemm import moe_gemm
+        patches += [mock.patch.object(fp8mod, "triton_moe_gemm", lambda *a: moe_gemm),
+                    mock.patch.object(fp8mod, "_fp8_grouped_kind", lambda *a: "scaled")]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
+
+
+def kernel_moe_fp8_triton_case(ctx: Ctx, *, T, top_k) -> dict:
+    """FP8 experts, herd's Triton grouped GEMM vs torch's FP8 GEMM, judged by what FP8 is for:
+    each path's distance from the unquantized layer (fp32 experts), as a relative L2 error. The
+    two compute the same W8A8 product with different fp32 rounding, and a one-ulp difference in a
+    bf16 intermediate can flip the fp8 rounding of the next projection's input, so neither is
+    bit-identical to the other, and one draw is noisy: errors are the mean over 8 random layers and
+    inputs. The Triton path passes when its mean error is within 1.1x of torch's (+ 1e-3). Also
+    reported: the largest difference between the two paths (of the output's max)."""
+    import torch
+
+    from herd.model.llama4 import FusedMoE
+    from herd.ops.moe import fused_moe_ref
+    from herd.parallel.context import SINGLE
+    from herd.quant.methods import Fp8MoEMethod
+
+    E, D, I = (4, 64, 32) if ctx.smoke else (16, 2048, 1024)
+    dtype = torch.bfloat16
+    errs_torch, errs_triton, apart, finite = [], [], 0.0, True
+    for draw in range(8):
+        g = torch.Generator().manual_seed(T * 100 + top_k * 10 + draw)
+        x = torch.randn(T, D, generator=g).to(dtype).to(ctx.device)
+        w13 = (torch.randn(E, 2 * I, D, generator=g) * 0.05).to(dtype).to(ctx.device)
+        w2 = (torch.randn(E, D, I, generator=g) * 0.05).to(dtype).to(ctx.device)
+        with torch.device(ctx.device):
+            layer = FusedMoE(E, D, I, dtype, SINGLE, False, Fp8MoEMethod())
+        layer.w13_weight.data.copy_(w13)
+        layer.w2_weight.data.copy_(w2)
+        layer.quant_method.process_weights_after_loading(layer)
+        top_val, top_idx = torch.topk(torch.randn(T, E, generator=g).to(ctx.device), top_k, dim=-1)
+        weights = torch.sigmoid(top_val).to(dtype)
+        ref = fused_moe_ref(x.float(), w13.float(), w2.float(), top_idx, weights.float())
+        torch_out = layer(x, top_idx, weights)
+        with triton_fp8_moe(ctx):
+            triton_out = layer(x, top_idx, weights)
+        _sync(ctx)
+        errs_torch.append(float((torch_out.float() - ref).norm() / ref.norm()))
+        errs_triton.append(float((triton_out.float() - ref).norm() / ref.norm()))
+        apart = max(apart, _max_err(triton_out, torch_out) / (float(torch_out.float().abs().max()) or 1.0))
+        finite = finite and _finite(triton_out)
+    err_torch, err_triton = sum(errs_torch) / 8, sum(errs_triton) / 8
+    return {"rel_err": err_triton, "torch_rel_err": err_torch, "draws": 8,
+            "triton_better_in": sum(a < b for a, b in zip(errs_triton, errs_torch)), "triton_vs_torch_max": apart,
+            "pass": finite and err_triton <= 1.1 * err_torch + 1e-3}
+
+
 def _run_cases(ctx: Ctx, group: str, cases: list[tuple[str, callable]], out: dict) -> None:
     """Run each case on its own (an exception fails that case only) into out[group]."""
     rows = out[group] = []
@@ -551,6 +616,8 @@ def section_kernels(ctx: Ctx) -> dict:
             for k in (1, 2):
                 moe.append((f"{'fp8' if fp8_moe else 'bf16'}-T{T}-top{k}",
                             partial(kernel_moe_case, ctx, T=T, top_k=k, fp8=fp8_moe)))
+    for T in ((1, 13) if ctx.smoke else (1, 13, 64, 256)):
+        moe.append((f"fp8-triton-T{T}-top1", partial(kernel_moe_fp8_triton_case, ctx, T=T, top_k=1)))
     out: dict = {}
     groups = ctx.args.kernel_groups.split(",")
     for group, cases in (("reshape_and_cache", cache), ("paged_attention", attn), ("paged_decode", dec), ("moe", moe)):
@@ -916,9 +983,14 @@ def section_perf(ctx: Ctx) -> dict:
         run: dict = {"layers": layers}
         out["runs"][prec] = run
         llm = None
+        stack = contextlib.ExitStack()    # the FP8 expert GEMM choice, for this run's whole life
         try:
             t = time.time()
             log(f"perf {prec}: building {layers} layers")
+            if prec == "fp8":
+                run["fp8_moe_kernel"] = ctx.args.fp8_moe
+                if ctx.args.fp8_moe == "triton":
+                    stack.enter_context(triton_fp8_moe(ctx))
             with random_weights():
                 llm = _llm(path, dtype="bfloat16", quantization="fp8" if prec == "fp8" else None,
                            max_model_len=s["max_model_len"], block_size=bs, num_kv_blocks=num_kv_blocks,
@@ -1020,6 +1092,7 @@ def section_perf(ctx: Ctx) -> dict:
             run.update(error_record(e))
             log(f"  perf {prec}: {run['error']}")
         finally:
+            stack.close()
             if llm is not None:
                 try:
                     shutdown_llm(llm)
@@ -1176,6 +1249,9 @@ def parse_args(argv=None):
                     help="tiny shapes on the CPU, Triton interpreted (tests this script without a GPU)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--perf-batches", default="1,16,64,256", help="decode batch sizes of the perf section")
+    ap.add_argument("--fp8-moe", choices=("torch", "triton"), default="torch",
+                    help="the perf section's FP8 expert GEMM at decode sizes: torch._scaled_grouped_mm (herd's "
+                         "default) or herd's Triton kernel (herd.quant.methods.fp8.TRITON_FP8_MOE)")
     ap.add_argument("--kernel-groups", default="reshape_and_cache,paged_attention,paged_decode,moe",
                     help="which kernel parity groups the kernels section runs")
     ap.add_argument("--profile-batches", default="1,64",
@@ -1276,7 +1352,7 @@ def _child_section(name: str, args, budget: Budget, tmpdir: str, progress, extra
     cmd = [sys.executable, os.path.abspath(__file__), "--_section", name, "--_result", path, *extra,
            "--_deadline", repr(budget.deadline), "--budget-s", repr(args.budget_s),
            "--perf-batches", args.perf_batches, "--perf-mem-frac", repr(args.perf_mem_frac),
-           "--profile-batches", args.profile_batches, "--kernel-groups", args.kernel_groups]
+           "--profile-batches", args.profile_batches, "--kernel-groups", args.kernel_groups, "--fp8-moe", args.fp8_moe]
     if args.perf_layers:
         cmd += ["--perf-layers", str(args.perf_layers)]
     if args.cpu_smoke:

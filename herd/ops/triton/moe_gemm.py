@@ -25,6 +25,12 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
        torch.float8_e4m3fn: tl.float8e4nv}
 
 
+# On sm90 Triton lets FP8 tensor-core dots accumulate in their reduced-precision mode over the whole
+# K loop unless told otherwise (max_num_imprecise_acc, default 2**30 there); promoting the partial
+# sums to fp32 every 128 K elements is what cuBLAS-class FP8 GEMMs do.
+FP8_PROMOTE_EVERY_K = 128
+
+
 class MoeGemmConfig(NamedTuple):
     block_m: int
     block_n: int
@@ -43,7 +49,7 @@ def _moe_gemm_kernel(
     N, K,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_wse,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
 ):
     """Program (e, j): rows [offs[e-1], offs[e]) of a times columns j*BLOCK_N.. of w[e]^T."""
     e = tl.program_id(0)
@@ -65,7 +71,7 @@ def _moe_gemm_kernel(
             k_ok = kk < K
             a = tl.load(a_base + kk[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_base + kk[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE))
+            acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), max_num_imprecise_acc=MAX_IMPRECISE_ACC)
         if SCALED:
             a_s = tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)
             w_s = tl.load(w_scale_ptr + e.to(tl.int64) * stride_wse + offs_n, mask=n_ok, other=0.0)
@@ -117,6 +123,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, a_scale: torc
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         w_scale.stride(0) if scaled else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALED=scaled, DOT_DTYPE=dot,
+        MAX_IMPRECISE_ACC=min(FP8_PROMOTE_EVERY_K, cfg.block_k) if scaled else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

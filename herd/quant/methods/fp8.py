@@ -13,8 +13,14 @@ from torch import nn
 from herd.model.layers import UnquantizedLinearMethod
 from herd.model.llama4 import QuantMethods
 from herd.ops.fp8 import FP8_DTYPE, FP8_MAX, fp8_linear, quantize_per_token, quantize_weight
-from herd.ops.moe import MoeRouting, fused_moe, fused_moe_ref, grouped_gemm, grouped_mm_supported
+from herd.ops.moe import MoeRouting, fused_moe, fused_moe_ref, grouped_gemm, grouped_mm_supported, triton_moe_gemm
 from herd.quant.compressed_tensors.config import herd_to_hf_modules
+
+
+# herd's Triton grouped GEMM for FP8 experts at decode sizes (herd.ops.moe.triton_moe_gemm): off
+# until a GPU run shows it as accurate as torch._scaled_grouped_mm against an fp32 product
+# (benchmarks/gpu_check.py reports both; docs/benchmarks.md, GPU).
+TRITON_FP8_MOE = False
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -66,7 +72,7 @@ class Fp8MoEMethod:
       * CUDA sm90/sm100 with bf16 activations: torch._scaled_grouped_mm, the GEMM in FP8. (herd's
         Triton kernel takes the same W8A8 product and streamed the weights 1.5x faster at decode
         sizes on an H200, but its output is not yet shown to be as accurate: one fused-MoE parity
-        check went 3.1% over a 3% tolerance; docs/benchmarks.md, GPU. Not used until it is.)
+        check went 3.1% over a 3% tolerance; docs/benchmarks.md, GPU. TRITON_FP8_MOE turns it on.)
       * CPU: weights and activations dequantized to fp32 (exactly as the reference fp8_linear_ref
         does) and torch._grouped_mm in fp32. This is for accuracy, not speed: it builds an fp32
         copy of every expert's weights on each call;
@@ -131,6 +137,9 @@ class Fp8MoEMethod:
             else:
                 aq, a_scale = quantize_per_token(a)
             N = wq.shape[1]
+            moe_gemm = triton_moe_gemm(a.shape[0], E, a.device) if kind == "scaled" and TRITON_FP8_MOE else None
+            if moe_gemm is not None:   # decode sizes: herd's Triton kernel, the same W8A8 product
+                return moe_gemm(aq, wq, r.offs, a_scale, ws, out_dtype=a.dtype)
             if kind == "scaled":
                 b_scale = ws.float().reshape(E, -1).expand(E, N).contiguous()
                 return torch._scaled_grouped_mm(aq, wq.transpose(-2, -1), a_scale.reshape(-1).contiguous(), b_scale,
