@@ -181,3 +181,16 @@ def test_local_blocks_are_released_as_sequences_advance(scout_dir):
     assert held_after_prefill == -(-seq.num_prompt_tokens // 4) > 3
     assert 0 < peak_decode <= 3
     assert eng.block_manager.num_free_blocks() == {"full": 128, "local": 128}
+
+
+def test_request_metrics_snapshot_is_an_independent_equal_copy():
+    import dataclasses
+
+    from herd.engine.outputs import RequestMetrics
+
+    m = RequestMetrics(arrival_time=1.0, first_token_time=2.5, num_preemptions=3)
+    snap = m.snapshot()
+    assert snap == m and snap is not m and type(snap) is RequestMetrics
+    assert dataclasses.asdict(snap) == dataclasses.asdict(m)
+    m.last_token_time = 9.0
+    assert snap.last_token_time is None

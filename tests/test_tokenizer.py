@@ -232,6 +232,32 @@ def test_incremental_special_tokens(tokenizer, skip):
     assert ("<|eot|>" in det.output_text) is (not skip)
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_direct_rust_decode_gives_the_same_deltas(tokenizer, skip):
+    """The detokenizer calls the tokenizers library directly when that is exactly
+    tokenizer.decode: the same deltas, token by token, as through transformers' wrapper (held-back
+    partial characters, special tokens and a prompt context included)."""
+    from herd.engine.tokenizer import rust_decoder
+
+    assert rust_decoder(tokenizer) is not None
+    ids = (tokenizer.encode(MULTILINGUAL, add_special_tokens=False) + [_id(tokenizer, "<|eot|>"), _id(tokenizer, "æ")]
+           + tokenizer.encode(" ok", add_special_tokens=False))
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "hi"}])
+    fast = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+    slow = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+    slow._rust = None
+    assert [fast.add(i) for i in ids] + [fast.flush()] == [slow.add(i) for i in ids] + [slow.flush()]
+    assert fast.output_text == slow.output_text == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_direct_rust_decode_only_where_it_is_exact(tokenizer, monkeypatch):
+    from herd.engine.tokenizer import rust_decoder
+
+    monkeypatch.setattr(tokenizer, "clean_up_tokenization_spaces", True)   # decode would post-process
+    assert rust_decoder(tokenizer) is None
+    assert rust_decoder(object()) is None
+
+
 # ---- stop strings ------------------------------------------------------------------------------
 
 def test_check_stop_strings_semantics():

@@ -5,7 +5,6 @@ With async scheduling step() keeps one step queued on a device thread: step N+1 
 started before step N's outputs are applied (herd/engine/scheduler.py says when it cannot be)."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
@@ -281,7 +280,7 @@ class LLMEngine(InputProcessor):
         for rid, news in touched.items():
             state = self.requests[rid]
             first = state.seqs[0]
-            news.metrics = dataclasses.replace(first.metrics)
+            news.metrics = first.metrics.snapshot()
             news.num_cached_tokens = first.num_cached_tokens
             news.finished = state.finished
             if news.finished:

@@ -28,6 +28,13 @@ class RequestMetrics:
     finished_time: float | None = None
     num_preemptions: int = 0
 
+    def snapshot(self) -> "RequestMetrics":
+        """A copy (made for every request every step: ~1 us, where dataclasses.replace and
+        copy.copy take 6-7)."""
+        new = object.__new__(RequestMetrics)
+        new.__dict__.update(self.__dict__)
+        return new
+
 
 @dataclass
 class CompletionOutput:

@@ -191,6 +191,27 @@ def partial_stop_length(text: str, stop: list[str]) -> int:
 
 # ---- incremental detokenizer -------------------------------------------------------------------
 
+def rust_decoder(tokenizer):
+    """The `tokenizers.Tokenizer` behind a transformers fast tokenizer when calling its decode
+    directly gives exactly tokenizer.decode(ids, skip_special_tokens=...) (the stock fast decode,
+    no clean-up of tokenization spaces), else None. transformers' wrapper costs ~10 us a call
+    (argument conversion) against ~2 us for the decode itself, and the detokenizer makes two
+    calls per generated token."""
+    try:
+        from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (getattr(tokenizer, "is_fast", False) and isinstance(backend, Tokenizer)
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+            and getattr(cls, "decode", None) is PreTrainedTokenizerBase.decode
+            and getattr(cls, "_decode", None) is PreTrainedTokenizerFast._decode):
+        return backend
+    return None
+
+
 class IncrementalDetokenizer:
     """Turns sampled token ids into text deltas, one token at a time.
 
@@ -204,6 +225,7 @@ class IncrementalDetokenizer:
                  stop: list[str] | None = None, include_stop_str_in_output: bool = False,
                  min_tokens: int = 0):
         self.tokenizer = tokenizer
+        self._rust = rust_decoder(tokenizer)
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
         self.stop = list(stop or [])
@@ -228,6 +250,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
+        if self._rust is not None:
+            return self._rust.decode(ids, skip_special_tokens=self.skip_special_tokens)
         kwargs = {"skip_special_tokens": self.skip_special_tokens}
         if not getattr(self.tokenizer, "is_fast", True):
             # Only Python ("slow") tokenizers honour this; fast ones never insert the spaces.
