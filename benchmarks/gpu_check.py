@@ -36,10 +36,11 @@ past it is stopped, and killed at 120 s. --in-process runs everything in one pro
            every sequence decodes are timed; executor_ms_per_step is the share spent in the model
            runner, the rest is scheduling / detokenizing) and prefill tokens/s (16 x 1024 tokens in
            one step), in BF16 and online FP8 (quantization="fp8"), CUDA graphs on (captured_sizes
-           shows they ran; --fp8-moe triton: herd's Triton FP8 expert GEMM); each figure also as a ratio to the `herd plan` roofline for this device
-           (H100 / H200 from the device name), layer count and batch. Then a profile of 10 decode
-           steps at batch 1 and 64 (--profile-batches): wall and device-busy ms per step and the
-           kernels that take the most device time, to place the gap to the roofline.
+           shows they ran; --fp8-moe triton: herd's Triton FP8 expert GEMM); each figure also
+           as a ratio to the `herd plan` roofline for this device (H100 / H200 from the device
+           name), layer count and batch. Then a profile of 10 decode steps at batch 1 and 64
+           (--profile-batches): wall and device-busy ms per step and the kernels that take the
+           most device time, to place the gap to the roofline.
 
   moe_bench herd's Triton grouped MoE GEMM (herd/ops/triton/moe_gemm.py) against torch._grouped_mm
            / torch._scaled_grouped_mm on Scout's expert shapes at decode sizes (T = 1, 16, 64, 256,

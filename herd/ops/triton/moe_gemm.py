@@ -6,11 +6,12 @@ other path) and, in FP8, the dequantized product.
 
 Why: at decode sizes (a few rows per expert) a GEMM tiled for large M reads the expert weights
 far below the memory bandwidth (torch._grouped_mm, CUTLASS, reached 1.6-2.9 TB/s of the 4.3 a copy
-reaches on an H200; this kernel 3.1-4.4 at 1-16 rows per expert; docs/benchmarks.md). Here one program owns one
-(expert, BLOCK_N columns) tile and streams that slice of the expert's weights once, for all of the
-expert's rows (BLOCK_M at a time); an expert with no rows costs one load of its offsets and no
-weight traffic. Every size comes from shapes, offsets are read on the device: no host sync, so a
-decode step stays capturable in a CUDA graph.
+reaches on an H200; this kernel 3.6-4.4 from batch 16 up, 2.2-3.1 at batch 1 with its best tiles;
+docs/benchmarks.md). Here one program owns one (expert, BLOCK_N columns) tile and streams
+that slice of the expert's weights once, for all of the expert's rows (BLOCK_M at a time); an
+expert with no rows costs one load of its offsets and no weight traffic. Every size comes from
+shapes, offsets are read on the device: no host sync, so a decode step stays capturable in a CUDA
+graph.
 """
 from __future__ import annotations
 
