@@ -22,7 +22,8 @@ past it is stopped, and killed at 120 s. --in-process runs everything in one pro
            splits, reshape_and_cache (bit-exact against store_kv), fused_moe vs fused_moe_ref in
            bf16 and Fp8MoEMethod's grouped FP8 GEMM vs its per-expert reference; fp8-triton-*:
            herd's Triton FP8 expert GEMM vs torch's, each by its distance from the unquantized
-           layer (8 draws). Max abs error per case and pass / fail against tolerances.
+           layer (8 draws); fp8_quant: the one-kernel per-token FP8 quantization vs its torch
+           reference, bit for bit. Max abs error per case and pass / fail against tolerances.
   graphs   Greedy parity, eager (enforce_eager=True) vs CUDA graphs (enforce_eager=False, the
            default triton backend), tiny Scout-like and Maverick-like checkpoints in bf16 (fp32
            only where herd's grouped MoE GEMM takes it: on CUDA it is bf16-only, and its fp32
@@ -36,7 +37,7 @@ past it is stopped, and killed at 120 s. --in-process runs everything in one pro
            every sequence decodes are timed; executor_ms_per_step is the share spent in the model
            runner, the rest is scheduling / detokenizing) and prefill tokens/s (16 x 1024 tokens in
            one step), in BF16 and online FP8 (quantization="fp8"), CUDA graphs on (captured_sizes
-           shows they ran; --fp8-moe triton: herd's Triton FP8 expert GEMM); each figure also
+           shows they ran; --fp8-kernels triton: herd's Triton FP8 kernels); each figure also
            as a ratio to the `herd plan` roofline for this device (H100 / H200 from the device
            name), layer count and batch. Then a profile of 10 decode steps at batch 1 and 64
            (--profile-batches): wall and device-busy ms per step and the kernels that take the
@@ -486,15 +487,39 @@ def kernel_moe_case(ctx: Ctx, *, T, top_k, fp8) -> dict:
             "pass": _finite(out) and rel <= MOE_TOL["fp8"]}
 
 
+def kernel_fp8_quant_case(ctx: Ctx, *, T, K) -> dict:
+    """herd's one-kernel per-token FP8 quantization (what quantize_per_token runs on CUDA) vs the
+    torch reference, bit for bit, bf16 rows with a zero row and values at e4m3 ties."""
+    import torch
+
+    from herd.ops.fp8 import quantize_per_token_ref
+    from herd.ops.triton.fp8_quant import per_token_quant
+
+    g = torch.Generator().manual_seed(T + K)
+    x = (torch.randn(T, K, generator=g) * 3).to(torch.bfloat16)
+    if T > 2:
+        x[1] = 0
+        x[2, :4] = torch.tensor([448.0, 127.6, 0.75, 50.0]).to(torch.bfloat16)
+    x = x.to(ctx.device)
+    q, s = per_token_quant(x)
+    q_ref, s_ref = quantize_per_token_ref(x)
+    _sync(ctx)
+    bytes_diff = int((q.view(torch.uint8) != q_ref.view(torch.uint8)).sum())
+    scales_diff = int((s != s_ref).sum())
+    return {"differing_bytes": bytes_diff, "differing_scales": scales_diff, "pass": bytes_diff == 0 and scales_diff == 0}
+
+
 @contextlib.contextmanager
-def triton_fp8_moe(ctx: Ctx):
-    """Fp8MoEMethod with herd's Triton grouped GEMM at decode sizes (herd.quant.methods.fp8.
-    TRITON_FP8_MOE). On the CPU smoke run the kernel is forced in (interpreted) where CUDA would
-    take it, so that the code path runs."""
+def triton_fp8_kernels(ctx: Ctx):
+    """FP8 layers with herd's Triton kernels: the grouped expert GEMM at decode sizes
+    (herd.quant.methods.fp8.TRITON_FP8_MOE) and, on CUDA, the per-token activation quantization
+    (herd.ops.fp8.TRITON_PER_TOKEN_QUANT). On the CPU smoke run the GEMM is forced in
+    (interpreted) where CUDA would take it, so that the code path runs."""
     from unittest import mock
 
+    import herd.ops.fp8 as fp8ops
     import herd.quant.methods.fp8 as fp8mod
-    patches = [mock.patch.object(fp8mod, "TRITON_FP8_MOE", True)]
+    patches = [mock.patch.object(fp8mod, "TRITON_FP8_MOE", True), mock.patch.object(fp8ops, "TRITON_PER_TOKEN_QUANT", True)]
     if ctx.smoke:
         from herd.ops.triton.moe_gemm import moe_gemm
         patches += [mock.patch.object(fp8mod, "triton_moe_gemm", lambda *a: moe_gemm),
@@ -537,7 +562,7 @@ def kernel_moe_fp8_triton_case(ctx: Ctx, *, T, top_k) -> dict:
         weights = torch.sigmoid(top_val).to(dtype)
         ref = fused_moe_ref(x.float(), w13.float(), w2.float(), top_idx, weights.float())
         torch_out = layer(x, top_idx, weights)
-        with triton_fp8_moe(ctx):
+        with triton_fp8_kernels(ctx):
             triton_out = layer(x, top_idx, weights)
         _sync(ctx)
         errs_torch.append(float((torch_out.float() - ref).norm() / ref.norm()))
@@ -619,9 +644,12 @@ def section_kernels(ctx: Ctx) -> dict:
                             partial(kernel_moe_case, ctx, T=T, top_k=k, fp8=fp8_moe)))
     for T in ((1, 13) if ctx.smoke else (1, 13, 64, 256)):
         moe.append((f"fp8-triton-T{T}-top1", partial(kernel_moe_fp8_triton_case, ctx, T=T, top_k=1)))
+    quant = [(f"T{T}-K{K}", partial(kernel_fp8_quant_case, ctx, T=T, K=K))
+             for T, K in (((1, 64), (5, 300)) if ctx.smoke else ((1, 5120), (64, 8192), (256, 5120)))]
     out: dict = {}
     groups = ctx.args.kernel_groups.split(",")
-    for group, cases in (("reshape_and_cache", cache), ("paged_attention", attn), ("paged_decode", dec), ("moe", moe)):
+    for group, cases in (("reshape_and_cache", cache), ("paged_attention", attn), ("paged_decode", dec), ("moe", moe),
+                         ("fp8_quant", quant)):
         if group not in groups:
             continue
         log(f"kernels: {group} ({len(cases)} cases)")
@@ -989,9 +1017,9 @@ def section_perf(ctx: Ctx) -> dict:
             t = time.time()
             log(f"perf {prec}: building {layers} layers")
             if prec == "fp8":
-                run["fp8_moe_kernel"] = ctx.args.fp8_moe
-                if ctx.args.fp8_moe == "triton":
-                    stack.enter_context(triton_fp8_moe(ctx))
+                run["fp8_kernels"] = ctx.args.fp8_kernels
+                if ctx.args.fp8_kernels == "triton":
+                    stack.enter_context(triton_fp8_kernels(ctx))
             with random_weights():
                 llm = _llm(path, dtype="bfloat16", quantization="fp8" if prec == "fp8" else None,
                            max_model_len=s["max_model_len"], block_size=bs, num_kv_blocks=num_kv_blocks,
@@ -1250,10 +1278,10 @@ def parse_args(argv=None):
                     help="tiny shapes on the CPU, Triton interpreted (tests this script without a GPU)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--perf-batches", default="1,16,64,256", help="decode batch sizes of the perf section")
-    ap.add_argument("--fp8-moe", choices=("torch", "triton"), default="torch",
-                    help="the perf section's FP8 expert GEMM at decode sizes: torch._scaled_grouped_mm (herd's "
-                         "default) or herd's Triton kernel (herd.quant.methods.fp8.TRITON_FP8_MOE)")
-    ap.add_argument("--kernel-groups", default="reshape_and_cache,paged_attention,paged_decode,moe",
+    ap.add_argument("--fp8-kernels", choices=("torch", "triton"), default="torch",
+                    help="the perf section's FP8 kernels: torch's (herd's default) or herd's Triton expert GEMM at "
+                         "decode sizes and per-token quantization (TRITON_FP8_MOE, TRITON_PER_TOKEN_QUANT)")
+    ap.add_argument("--kernel-groups", default="reshape_and_cache,paged_attention,paged_decode,moe,fp8_quant",
                     help="which kernel parity groups the kernels section runs")
     ap.add_argument("--profile-batches", default="1,64",
                     help="decode batch sizes whose steps the perf section profiles (kernel time per step; '' = none)")
@@ -1353,7 +1381,7 @@ def _child_section(name: str, args, budget: Budget, tmpdir: str, progress, extra
     cmd = [sys.executable, os.path.abspath(__file__), "--_section", name, "--_result", path, *extra,
            "--_deadline", repr(budget.deadline), "--budget-s", repr(args.budget_s),
            "--perf-batches", args.perf_batches, "--perf-mem-frac", repr(args.perf_mem_frac),
-           "--profile-batches", args.profile_batches, "--kernel-groups", args.kernel_groups, "--fp8-moe", args.fp8_moe]
+           "--profile-batches", args.profile_batches, "--kernel-groups", args.kernel_groups, "--fp8-kernels", args.fp8_kernels]
     if args.perf_layers:
         cmd += ["--perf-layers", str(args.perf_layers)]
     if args.cpu_smoke:

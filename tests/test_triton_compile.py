@@ -1,4 +1,4 @@
-"""herd's Triton MoE kernel compiles for Hopper (sm90) without a GPU: Triton's wheel carries
+"""herd's Triton MoE GEMM and FP8 quantization kernels compile for Hopper (sm90) without a GPU: Triton's wheel carries
 ptxas, so a compile error, or a lost tensor-core path, shows up in CI before any GPU run. The
 compile runs in a child process: the suite runs Triton interpreted (conftest), which a compile in
 the same process cannot share."""
@@ -40,6 +40,14 @@ for fp8 in (False, True):
             "mma": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+|\bmma\.sync\.aligned\.[\w.]+", p))),
             "cvt": sorted(set(re.findall(r"cvt\.[\w.]+", p))), "f32_adds": len(re.findall(r"\badd(?:\.rn)?\.f32", p))}
 out["fp8-64-imprecise"] = {"f32_adds": len(re.findall(r"\badd(?:\.rn)?\.f32", ptx(True, 64, None)))}
+
+from herd.ops.triton.fp8_quant import _per_token_quant_kernel
+sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32", "stride_x": "i32", "stride_q": "i32",
+       "BLOCK_K": "constexpr", "SOFT_FP8_ROUND": "constexpr"}
+k = triton.compile(ASTSource(_per_token_quant_kernel, sig, {"BLOCK_K": 4096, "SOFT_FP8_ROUND": False}),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+p = k.asm["ptx"]
+out["quant"] = {"div": sorted(set(re.findall(r"div\.[\w.]+f32", p))), "cvt": sorted(set(re.findall(r"cvt\.[\w.]+", p)))}
 print(json.dumps(out))
 '''
 
@@ -63,6 +71,12 @@ def test_decode_tiles_use_mma_sync(compiled):
 def test_wide_tiles_use_warpgroup_mma(compiled):
     assert compiled["bf16-64"]["mma"] == ["wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"]
     assert compiled["fp8-64"]["mma"] == ["wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3"]
+
+
+def test_fp8_quant_divides_correctly_rounded_and_casts_rtne(compiled):
+    """The same quotients as torch: IEEE division (not div.approx), fp32 -> e4m3 round to nearest."""
+    assert compiled["quant"]["div"] and all(d.startswith("div.rn") for d in compiled["quant"]["div"])
+    assert any(c.startswith("cvt.rn.satfinite.e4m3x2.f32") for c in compiled["quant"]["cvt"])
 
 
 def test_fp8_wgmma_partial_sums_are_promoted_to_fp32(compiled):

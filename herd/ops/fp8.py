@@ -11,10 +11,32 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, K] -> (fp8 [T, K], scale [T, 1] fp32) with scale = max|x_row| / 448."""
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=_MIN_SCALE)
+def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (fp8 [T, K], scale [T, 1] fp32) with scale = max|x_row| / 448. The divisor is
+    a tensor on x's device: torch multiplies a CUDA tensor by the reciprocal of a Python scalar,
+    which rounds some scales one ulp away from the quotient (CPU and the Triton kernel divide)."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax / amax.new_full((), FP8_MAX)).clamp(min=_MIN_SCALE)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+# herd's one-kernel Triton quantization on CUDA (herd/ops/triton/fp8_quant.py): bit-identical to
+# the reference under the Triton interpreter and compiled for sm90 in the tests, off until a GPU
+# run confirms it there (benchmarks/gpu_check.py: the fp8_quant kernel cases, --fp8-kernels triton).
+TRITON_PER_TOKEN_QUANT = False
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_token_ref's result; on CUDA, with TRITON_PER_TOKEN_QUANT, herd's one-kernel
+    Triton version where Triton is installed."""
+    if TRITON_PER_TOKEN_QUANT and x.is_cuda and x.dim() == 2:
+        try:
+            from herd.ops.triton.fp8_quant import per_token_quant
+        except ImportError:
+            pass
+        else:
+            return per_token_quant(x)
+    return quantize_per_token_ref(x)
 
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,4 @@
 """herd's Triton kernels outside attention (which has its own backend folder): the grouped MoE
-GEMM for decode-sized batches (moe_gemm). Import only where Triton is installed; callers check
-herd.ops.moe.triton_moe_gemm() first."""
+GEMM for decode-sized batches (moe_gemm) and per-token FP8 quantization (fp8_quant). Import them
+only where Triton is installed: herd.ops.moe.triton_moe_gemm and herd.ops.fp8.quantize_per_token
+do, and fall back to torch without it."""

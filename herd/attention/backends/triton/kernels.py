@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from herd.ops.triton.fp8_quant import round_to_e4m3_grid
+
 _FP8_DTYPES = (torch.float8_e4m3fn,)
 _LOG2E = 1.4426950408889634
 
@@ -77,21 +79,6 @@ def _load_scale(ptr, value, FROM_PTR: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _round_to_e4m3_grid(x):
-    """Round fp32 x (already clamped to +-448) to the nearest e4m3 value, ties to even, staying
-    in fp32. Only used under the Triton interpreter, whose fp32 -> fp8 cast mis-rounds values that
-    carry into the next power of two (127.6 -> 64); exactly representable values cast correctly.
-    e4m3 has 3 mantissa bits, so a value in [2^e, 2^(e+1)) sits on a grid of 2^(e-3), and
-    subnormals (e < -6) on the grid 2^-9."""
-    a = tl.abs(x)
-    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
-    ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)          # 2^(e-3), built from bits
-    # adding and removing 1.5 * 2^23 rounds a float below 2^22 to an integer, ties to even
-    r = ((a / ulp + 12582912.0) - 12582912.0) * ulp
-    return tl.where(x.to(tl.int32, bitcast=True) < 0, -r, r)             # keeps -0.0
-
-
-@triton.jit
 def _reshape_and_cache_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     k_scale_ptr, v_scale_ptr, k_scale_val, v_scale_val,
@@ -127,8 +114,8 @@ def _reshape_and_cache_kernel(
         k = tl.minimum(tl.maximum(tl.math.div_rn(k.to(tl.float32), k_scale), -448.0), 448.0)
         v = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), v_scale), -448.0), 448.0)
         if SOFT_FP8_ROUND:
-            k = _round_to_e4m3_grid(k)
-            v = _round_to_e4m3_grid(v)
+            k = round_to_e4m3_grid(k)
+            v = round_to_e4m3_grid(v)
 
     kc = k_cache_ptr + blk * stride_kcb + off * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :] * stride_kcd
     vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd
