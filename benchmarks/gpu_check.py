@@ -37,7 +37,7 @@ past it is stopped, and killed at 120 s. --in-process runs everything in one pro
            every sequence decodes are timed; executor_ms_per_step is the share spent in the model
            runner, the rest is scheduling / detokenizing) and prefill tokens/s (16 x 1024 tokens in
            one step), in BF16 and online FP8 (quantization="fp8"), CUDA graphs on (captured_sizes
-           shows they ran; --fp8-kernels triton: herd's Triton FP8 kernels); each figure also
+           shows they ran; fp8-triton: FP8 with herd's Triton FP8 kernels); each figure also
            as a ratio to the `herd plan` roofline for this device (H100 / H200 from the device
            name), layer count and batch. Then a profile of 10 decode steps at batch 1 and 64
            (--profile-batches): wall and device-busy ms per step and the kernels that take the
@@ -76,7 +76,9 @@ for _p in (HERE, REPO):
         sys.path.insert(0, _p)
 
 SECTIONS = ("env", "kernels", "graphs", "perf", "moe_bench")
-PERF_PRECISIONS = ("bf16", "fp8")
+# fp8-triton: online FP8 with herd's Triton FP8 kernels (expert GEMM at decode sizes, per-token
+# quantization), which herd does not use by default yet; measured beside fp8 to decide that
+PERF_PRECISIONS = ("bf16", "fp8", "fp8-triton")
 T0 = float(os.environ.get("GPU_CHECK_T0") or time.time())   # section processes log the parent's clock
 
 
@@ -1005,23 +1007,23 @@ def section_perf(ctx: Ctx) -> dict:
                      "enforce_eager": ctx.smoke, "enable_prefix_caching": False}
     ctx_len = s["prompt_len"] + s["output_len"] // 2
 
-    for prec in PERF_PRECISIONS if ctx.args._precision is None else [ctx.args._precision]:
+    wanted = [p for p in PERF_PRECISIONS if p in ctx.args.perf_precisions.split(",")]
+    for prec in wanted if ctx.args._precision is None else [ctx.args._precision]:
+        base = "fp8" if prec.startswith("fp8") else prec
         if ctx.budget.spent():
             out["runs"][prec] = {"skipped": ctx.budget.note()}
             continue
         run: dict = {"layers": layers}
         out["runs"][prec] = run
         llm = None
-        stack = contextlib.ExitStack()    # the FP8 expert GEMM choice, for this run's whole life
+        stack = contextlib.ExitStack()    # fp8-triton's kernel choice, for this run's whole life
         try:
             t = time.time()
             log(f"perf {prec}: building {layers} layers")
-            if prec == "fp8":
-                run["fp8_kernels"] = ctx.args.fp8_kernels
-                if ctx.args.fp8_kernels == "triton":
-                    stack.enter_context(triton_fp8_kernels(ctx))
+            if prec == "fp8-triton":
+                stack.enter_context(triton_fp8_kernels(ctx))
             with random_weights():
-                llm = _llm(path, dtype="bfloat16", quantization="fp8" if prec == "fp8" else None,
+                llm = _llm(path, dtype="bfloat16", quantization="fp8" if base == "fp8" else None,
                            max_model_len=s["max_model_len"], block_size=bs, num_kv_blocks=num_kv_blocks,
                            max_num_seqs=max_batch, max_num_batched_tokens=step_tokens,
                            enable_prefix_caching=False, enforce_eager=ctx.smoke, seed=0)
@@ -1036,7 +1038,7 @@ def section_perf(ctx: Ctx) -> dict:
             del runner
             if ctx.cuda:
                 run["allocated_gib_after_build"] = round(torch.cuda.memory_allocated() / 2**30, 2)
-            settings = PlanSettings(dtype=prec, max_model_len=s["max_model_len"], max_num_seqs=max_batch,
+            settings = PlanSettings(dtype=base, max_model_len=s["max_model_len"], max_num_seqs=max_batch,
                                     max_num_batched_tokens=step_tokens)
             decode = {}
             run["decode"] = decode
@@ -1059,7 +1061,7 @@ def section_perf(ctx: Ctx) -> dict:
                                decode_steps=r["decode_steps"], decode_tokens=r["decode_tokens"],
                                prefill_steps=r["prefill_steps"], prefill_s=round(r["prefill_s"], 4))
                     if device is not None:
-                        roof = decode_roofline_tok_s(spec, device, prec, B, ctx_len, settings)
+                        roof = decode_roofline_tok_s(spec, device, base, B, ctx_len, settings)
                         row.update(roofline_tok_s=roof["tokens_per_s"], roofline_bound=roof["bound"],
                                    ratio_to_roofline=tok_s / roof["tokens_per_s"] if tok_s else None)
                 except SectionTimeout:
@@ -1083,7 +1085,7 @@ def section_perf(ctx: Ctx) -> dict:
                     row.update(prompts=n, prompt_len=L, prefill_tok_s=tok_s, steps=r["prefill_steps"],
                                seconds=round(r["prefill_s"], 4))
                     if device is not None:
-                        roof = prefill_roofline_tok_s(spec, device, prec, n, L, step_tokens)
+                        roof = prefill_roofline_tok_s(spec, device, base, n, L, step_tokens)
                         row.update(roofline_tok_s=roof["tokens_per_s"], roofline_bound=roof["bound"],
                                    ratio_to_roofline=tok_s / roof["tokens_per_s"])
                 except SectionTimeout:
@@ -1278,9 +1280,9 @@ def parse_args(argv=None):
                     help="tiny shapes on the CPU, Triton interpreted (tests this script without a GPU)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--perf-batches", default="1,16,64,256", help="decode batch sizes of the perf section")
-    ap.add_argument("--fp8-kernels", choices=("torch", "triton"), default="torch",
-                    help="the perf section's FP8 kernels: torch's (herd's default) or herd's Triton expert GEMM at "
-                         "decode sizes and per-token quantization (TRITON_FP8_MOE, TRITON_PER_TOKEN_QUANT)")
+    ap.add_argument("--perf-precisions", default=",".join(PERF_PRECISIONS),
+                    help="the perf section's runs: bf16, fp8 (herd's default FP8 kernels), fp8-triton (herd's Triton "
+                         "FP8 expert GEMM and per-token quantization: TRITON_FP8_MOE, TRITON_PER_TOKEN_QUANT)")
     ap.add_argument("--kernel-groups", default="reshape_and_cache,paged_attention,paged_decode,moe,fp8_quant",
                     help="which kernel parity groups the kernels section runs")
     ap.add_argument("--profile-batches", default="1,64",
@@ -1381,7 +1383,8 @@ def _child_section(name: str, args, budget: Budget, tmpdir: str, progress, extra
     cmd = [sys.executable, os.path.abspath(__file__), "--_section", name, "--_result", path, *extra,
            "--_deadline", repr(budget.deadline), "--budget-s", repr(args.budget_s),
            "--perf-batches", args.perf_batches, "--perf-mem-frac", repr(args.perf_mem_frac),
-           "--profile-batches", args.profile_batches, "--kernel-groups", args.kernel_groups, "--fp8-kernels", args.fp8_kernels]
+           "--profile-batches", args.profile_batches, "--kernel-groups", args.kernel_groups,
+           "--perf-precisions", args.perf_precisions]
     if args.perf_layers:
         cmd += ["--perf-layers", str(args.perf_layers)]
     if args.cpu_smoke:
@@ -1426,7 +1429,7 @@ def _perf_per_precision(args, budget: Budget, tmpdir: str, result: dict) -> dict
     """The perf section, one process per precision: each gets a clean GPU, and a crash or an OOM
     in one leaves the other's figures. The parts merge into one section with runs[precision]."""
     merged: dict = {"runs": {}}
-    for prec in PERF_PRECISIONS:
+    for prec in [p for p in PERF_PRECISIONS if p in args.perf_precisions.split(",")]:
         if budget.spent():
             merged["runs"][prec] = {"skipped": budget.note()}
             continue

@@ -41,7 +41,7 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     summary = sec["kernels"]["summary"]
     assert summary["all_pass"] and summary["cases"] >= 30 and not summary["failed"], summary
     assert sec["graphs"]["all_pass"] and sec["graphs"]["cases"], sec["graphs"]
-    for prec in ("bf16", "fp8"):
+    for prec in ("bf16", "fp8", "fp8-triton"):
         run = sec["perf"]["runs"][prec]
         assert "error" not in run, run
         for row in run["decode"].values():

@@ -22,7 +22,7 @@ def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 # herd's one-kernel Triton quantization on CUDA (herd/ops/triton/fp8_quant.py): bit-identical to
 # the reference under the Triton interpreter and compiled for sm90 in the tests, off until a GPU
-# run confirms it there (benchmarks/gpu_check.py: the fp8_quant kernel cases, --fp8-kernels triton).
+# run confirms it there (benchmarks/gpu_check.py: the fp8_quant kernel cases, the fp8-triton perf run).
 TRITON_PER_TOKEN_QUANT = False
 
 
