@@ -439,42 +439,56 @@ def kernel_cache_case(ctx: Ctx, *, src_dtype, kv_dtype, k_scale, v_scale, tensor
 MOE_TOL = {"bf16": 1e-2, "fp8": 3e-2}
 
 
-def kernel_moe_case(ctx: Ctx, *, T, top_k, fp8) -> dict:
-    """Relative error max|fast - ref| / max|ref| of the grouped MoE against the per-expert loop."""
+def _moe_inputs(ctx: Ctx, T: int, top_k: int, seed: int):
+    """A random bf16 MoE layer and routing: (x, w13, w2, top_idx, router weights)."""
     import torch
-
-    from herd.ops.moe import fused_moe, fused_moe_ref, grouped_moe_supported
 
     E, D, I = (4, 64, 32) if ctx.smoke else (16, 2048, 1024)
     dtype = torch.bfloat16
-    g = torch.Generator().manual_seed(T * 10 + top_k)
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, D, generator=g).to(dtype).to(ctx.device)
     w13 = (torch.randn(E, 2 * I, D, generator=g) * 0.05).to(dtype).to(ctx.device)
     w2 = (torch.randn(E, D, I, generator=g) * 0.05).to(dtype).to(ctx.device)
     top_val, top_idx = torch.topk(torch.randn(T, E, generator=g).to(ctx.device), top_k, dim=-1)
-    weights = torch.sigmoid(top_val).to(dtype)
+    return x, w13, w2, top_idx, torch.sigmoid(top_val).to(dtype)
+
+
+def _fp8_moe_layer(ctx: Ctx, w13, w2):
+    """A FusedMoE with Fp8MoEMethod holding these bf16 experts, quantized online."""
+    import torch
+
+    from herd.model.llama4 import FusedMoE
+    from herd.parallel.context import SINGLE
+    from herd.quant.methods import Fp8MoEMethod
+
+    E, two_i, D = w13.shape
+    with torch.device(ctx.device):
+        layer = FusedMoE(E, D, two_i // 2, w13.dtype, SINGLE, False, Fp8MoEMethod())
+    layer.w13_weight.data.copy_(w13)
+    layer.w2_weight.data.copy_(w2)
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+def kernel_moe_case(ctx: Ctx, *, T, top_k, fp8) -> dict:
+    """Relative error max|fast - ref| / max|ref| of the grouped MoE against the per-expert loop."""
+    from herd.ops.moe import fused_moe, fused_moe_ref, grouped_moe_supported, triton_moe_gemm
+
+    x, w13, w2, top_idx, weights = _moe_inputs(ctx, T, top_k, seed=T * 10 + top_k)
+    E, D, I = w13.shape[0], w13.shape[2], w2.shape[2]
     ref_bf16 = fused_moe_ref(x, w13, w2, top_idx, weights)
     scale = float(ref_bf16.abs().max()) or 1.0
     if not fp8:
         out = fused_moe(x, w13, w2, top_idx, weights)
         _sync(ctx)
         rel = _max_err(out, ref_bf16) / scale
-        from herd.ops.moe import triton_moe_gemm
         path = ("triton" if triton_moe_gemm(T * top_k, E, x.device) else "grouped_mm") if grouped_moe_supported(
             x, w13, w2) else "reference fallback"
         return {"path": path,
                 "max_abs_err": _max_err(out, ref_bf16), "rel_err": rel, "tol_rel": MOE_TOL["bf16"],
                 "pass": _finite(out) and rel <= MOE_TOL["bf16"]}
 
-    from herd.model.llama4 import FusedMoE
-    from herd.parallel.context import SINGLE
-    from herd.quant.methods import Fp8MoEMethod
-
-    with torch.device(ctx.device):
-        layer = FusedMoE(E, D, I, dtype, SINGLE, False, Fp8MoEMethod())
-    layer.w13_weight.data.copy_(w13)
-    layer.w2_weight.data.copy_(w2)
-    layer.quant_method.process_weights_after_loading(layer)
+    layer = _fp8_moe_layer(ctx, w13, w2)
     try:
         from herd.quant.methods.fp8 import _fp8_grouped_kind
         kind = _fp8_grouped_kind(x, D, I) or "reference loop"
@@ -540,28 +554,12 @@ def kernel_moe_fp8_triton_case(ctx: Ctx, *, T, top_k) -> dict:
     bit-identical to the other, and one draw is noisy: errors are the mean over 8 random layers and
     inputs. The Triton path passes when its mean error is within 1.1x of torch's (+ 1e-3). Also
     reported: the largest difference between the two paths (of the output's max)."""
-    import torch
-
-    from herd.model.llama4 import FusedMoE
     from herd.ops.moe import fused_moe_ref
-    from herd.parallel.context import SINGLE
-    from herd.quant.methods import Fp8MoEMethod
 
-    E, D, I = (4, 64, 32) if ctx.smoke else (16, 2048, 1024)
-    dtype = torch.bfloat16
     errs_torch, errs_triton, apart, finite = [], [], 0.0, True
     for draw in range(8):
-        g = torch.Generator().manual_seed(T * 100 + top_k * 10 + draw)
-        x = torch.randn(T, D, generator=g).to(dtype).to(ctx.device)
-        w13 = (torch.randn(E, 2 * I, D, generator=g) * 0.05).to(dtype).to(ctx.device)
-        w2 = (torch.randn(E, D, I, generator=g) * 0.05).to(dtype).to(ctx.device)
-        with torch.device(ctx.device):
-            layer = FusedMoE(E, D, I, dtype, SINGLE, False, Fp8MoEMethod())
-        layer.w13_weight.data.copy_(w13)
-        layer.w2_weight.data.copy_(w2)
-        layer.quant_method.process_weights_after_loading(layer)
-        top_val, top_idx = torch.topk(torch.randn(T, E, generator=g).to(ctx.device), top_k, dim=-1)
-        weights = torch.sigmoid(top_val).to(dtype)
+        x, w13, w2, top_idx, weights = _moe_inputs(ctx, T, top_k, seed=T * 100 + top_k * 10 + draw)
+        layer = _fp8_moe_layer(ctx, w13, w2)
         ref = fused_moe_ref(x.float(), w13.float(), w2.float(), top_idx, weights.float())
         torch_out = layer(x, top_idx, weights)
         with triton_fp8_kernels(ctx):
@@ -1170,6 +1168,7 @@ def section_moe_bench(ctx: Ctx) -> dict:
         return {"skipped": "needs CUDA (or --cpu-smoke)"}
     import torch
 
+    from _gpu_models import collect
     from herd.ops.fp8 import FP8_DTYPE, quantize_per_token
     from herd.ops.triton.moe_gemm import MoeGemmConfig, default_config, moe_gemm
 
@@ -1251,20 +1250,10 @@ def section_moe_bench(ctx: Ctx) -> dict:
                 del wq
             else:
                 del w
-            collect_cuda(ctx)
+            collect()
     ok_rows = [r for r in out["rows"] if "triton" in r]
     out["all_ok"] = bool(ok_rows) and all(r["all_ok"] for r in ok_rows)
     return out
-
-
-def collect_cuda(ctx: Ctx) -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if ctx.cuda:
-        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------

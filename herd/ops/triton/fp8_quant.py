@@ -8,18 +8,11 @@ the rows are a few KB).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
-MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from herd.ops.triton import interpreting
 
 
 @triton.jit
@@ -69,5 +62,5 @@ def per_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, s
     block = min(triton.next_power_of_2(K), 4096)
     _per_token_quant_kernel[(T,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK_K=block,
-                                  SOFT_FP8_ROUND=_interpreting(), num_warps=4 if block >= 1024 else 1)
+                                  SOFT_FP8_ROUND=interpreting(), num_warps=4 if block >= 1024 else 1)
     return q, s

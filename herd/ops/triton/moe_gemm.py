@@ -15,12 +15,13 @@ graph.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from herd.ops.triton import interpreting
 
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
        torch.float8_e4m3fn: tl.float8e4nv}
@@ -39,9 +40,6 @@ class MoeGemmConfig(NamedTuple):
     num_warps: int
     num_stages: int
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -116,7 +114,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, a_scale: torc
         w_scale = w_scale.reshape(E, N).float()
         if w_scale.stride(-1) != 1:
             w_scale = w_scale.contiguous()
-    dot = tl.float32 if _interpreting() else _TL[a.dtype]   # the interpreter's low-precision dots are unreliable
+    dot = tl.float32 if interpreting() else _TL[a.dtype]   # the interpreter's low-precision dots are unreliable
     grid = (E, triton.cdiv(N, cfg.block_n))
     _moe_gemm_kernel[grid](
         a, w, out, offs, a_scale if scaled else offs, w_scale if scaled else offs,

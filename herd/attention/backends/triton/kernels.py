@@ -30,12 +30,11 @@ Layout choices worth knowing:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from herd.ops.triton import interpreting
 from herd.ops.triton.fp8_quant import round_to_e4m3_grid
 
 _FP8_DTYPES = (torch.float8_e4m3fn,)
@@ -44,14 +43,11 @@ _LOG2E = 1.4426950408889634
 _TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def _dot_dtype(dtype: torch.dtype):
     """The operand dtype for tl.dot: the model dtype, except bf16 under the Triton CPU interpreter,
     whose bf16 dot is wrong (fp16/fp32 are exact there)."""
-    if dtype == torch.bfloat16 and _interpreting():
+    if dtype == torch.bfloat16 and interpreting():
         return tl.float32
     if dtype not in _TORCH_TO_TL:
         raise TypeError(f"unsupported attention dtype {dtype}")
@@ -141,7 +137,7 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
         BLOCK_SIZE=block_size, BLOCK_H=triton.next_power_of_2(nkv), BLOCK_D=triton.next_power_of_2(d),
         IS_FP8=is_fp8, K_SCALE_PTR=ks_from_ptr, V_SCALE_PTR=vs_from_ptr,
-        SOFT_FP8_ROUND=is_fp8 and _interpreting(),
+        SOFT_FP8_ROUND=is_fp8 and interpreting(),
         num_warps=4 if nkv * d >= 1024 else 1,
     )
 
