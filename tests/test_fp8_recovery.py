@@ -141,6 +141,73 @@ def test_sequential_hessians_with_nothing_quantized_are_the_original_ones(tmp_pa
         measure_hessians_sequential(model, seqs, _rtn, lambda n: True, activations="per-channel")
 
 
+def test_asymmetric_refit_fits_the_unquantized_outputs_from_fp8_inputs(tmp_path):
+    path = make_tiny_llama(tmp_path / "m", "llama3")
+    model = load_model(path, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    seqs = [[1] + torch.randint(3, 250, (40,), generator=g).tolist() for _ in range(8)]
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    plain = measure_hessians_sequential(model, seqs, _rtn, lambda n: True, progress=False, activations="static")
+    targets = {}
+    S = measure_hessians_sequential(model, seqs, _rtn, lambda n: True, progress=False, activations="static",
+                                    targets=targets)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())  # weights restored
+    assert set(targets) == set(S) == set(plain)
+    # layer 0's first Linear sees the embeddings in both models: W' is the damped least-squares fit
+    # of W x from the statically quantized x, and its Hessian is that of the quantized inputs
+    x = torch.cat([model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor(s))) for s in seqs])
+    w = model.model.layers[0].self_attn.qkv_proj.weight.detach()
+    xq = fake_quantize_input(x, (x.abs().amax() / (448.0 * 0.25)).clamp(min=1e-12)).double()
+    hq, c = xq.T @ xq / len(xq), x.double().T @ xq / len(xq)
+    d = 0.01 * torch.diag(hq).mean()
+    ref = torch.linalg.solve(hq + d * torch.eye(len(hq), dtype=hq.dtype), (w.double() @ c + d * w.double()).T).T
+    q_rows = 4 * 16  # the tiny model's query rows; k and v follow
+    assert torch.allclose(targets["model.layers.0.self_attn.q_proj"].double(), ref[:q_rows], atol=1e-5)
+    assert torch.allclose(S["model.layers.0.self_attn.q_proj"].double(), hq, atol=1e-6)
+    assert not torch.allclose(targets["model.layers.0.self_attn.q_proj"], w[:q_rows], atol=1e-4)
+    # the fit: from the FP8 inputs, W' reproduces the unquantized outputs better than W does
+    y = x.double() @ w.double().T
+    assert (y - xq @ ref.T).norm() < 0.9 * (y - xq @ w.double().T).norm()
+
+    # each Linear is measured behind the ones before it in the layer, already FP8 (refitted,
+    # rounded, static inputs): down_proj's inputs come from the FP8 gate_up_proj, which was refitted
+    # to the unquantized outputs itself; measured behind the unquantized one, down_proj's refit would
+    # correct that drift a second time
+    layer0 = model.model.layers[0]
+    states = [model.model.embed_tokens(torch.tensor(s)) for s in seqs]
+    hooks = []
+
+    def inputs_of(mod):
+        seen = []
+        h = mod.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).clone()))
+        with torch.no_grad():
+            for s, st in zip(seqs, states):
+                layer0(torch.arange(len(s)), st, None)
+        h.remove()
+        return torch.cat(seen)
+
+    parts = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+             "self_attn.o_proj": ["self_attn.o_proj"], "feed_forward.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"]}
+    try:
+        for herd_name, hf in parts.items():
+            mod = layer0.get_submodule(herd_name)
+            scale = (inputs_of(mod).abs().amax() / (448.0 * 0.25)).clamp(min=1e-12)
+            mod.weight.data = torch.cat([_rtn(targets[f"model.layers.0.{n}"], None) for n in hf])
+            hooks.append(mod.register_forward_pre_hook(lambda m, a, s=scale: (fake_quantize_input(a[0], s),)))
+        x = inputs_of(layer0.feed_forward.down_proj)
+        xq = fake_quantize_input(x, (x.abs().amax() / (448.0 * 0.25)).clamp(min=1e-12))
+        assert torch.allclose(S["model.layers.0.mlp.down_proj"], xq.T @ xq / len(xq), atol=1e-5)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.load_state_dict(before)
+    # nothing in FP8: nothing refitted and no Hessians (only FP8 Linears are measured here)
+    none = {}
+    assert measure_hessians_sequential(model, seqs, _rtn, lambda n: False, progress=False, activations="static",
+                                       targets=none) == {}
+    assert none == {}
+
+
 # ----------------------------------------------------------------------------- sensitivity
 
 
@@ -422,3 +489,15 @@ def test_herd_calibrate_gptq_bakes_the_rounding_into_a_bf16_copy(amplified, tmp_
     one = load_file(str(one_out / os.path.basename(amplified).lower() / "gptq-bf16" / "model.safetensors"))
     assert torch.equal(one["model.layers.1.mlp.gate_proj.weight"], new["model.layers.1.mlp.gate_proj.weight"])
     assert not torch.equal(one[name], new[name])
+    # asymmetric: refitted weights, still exactly on INC's grid; the bf16 modules keep theirs
+    asym_out = tmp_path / "calib-asym"
+    asym_args = args[:args.index("-o") + 1] + [str(asym_out)] + args[args.index("-o") + 2:]
+    assert herd_main(asym_args + ["--scale-method", "act_maxabs_hw_weights_pcs_maxabs_pow2",
+                                  "--gptq-inputs", "asymmetric"]) == 0
+    asym = load_file(str(asym_out / os.path.basename(amplified).lower() / "gptq-bf16" / "model.safetensors"))
+    for n in (name, "model.layers.1.mlp.gate_proj.weight", "model.layers.9.mlp.up_proj.weight"):
+        assert not torch.equal(asym[n], new[n]), n
+        s = inc_pow2_channel_scale(asym[n], 448.0)
+        assert torch.equal(dequantize_fp8(quantize_fp8(asym[n].float(), s), s), asym[n].float()), n
+    for n in ("model.norm.weight", "model.layers.5.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        assert torch.equal(orig[n], asym[n]), n

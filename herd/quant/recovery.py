@@ -48,12 +48,16 @@ def add_bf16_arguments(parser: argparse.ArgumentParser) -> None:
                              "recipe's list")
 
 
-def add_gptq_inputs_argument(parser: argparse.ArgumentParser, default: str, why: str) -> None:
-    parser.add_argument("--gptq-inputs", choices=("original", "quantized"), default=default,
+def add_gptq_inputs_argument(parser: argparse.ArgumentParser, default: str, why: str,
+                             choices: tuple[str, ...] = ("original", "quantized")) -> None:
+    extra = (", or asymmetric (quantized, and each FP8 weight first refitted by least squares to give the "
+             "unquantized model's output from the FP8 model's FP8 inputs; its Hessians take about 1.2x quantized's time)"
+             if "asymmetric" in choices else "")
+    parser.add_argument("--gptq-inputs", choices=choices, default=default,
                         help="inputs GPTQ's Hessians are measured on: original (the unquantized model's, all layers "
                              "in one pass) or quantized (one decoder layer at a time, on the states of the layers "
-                             f"before it in FP8, as llm-compressor's sequential pipeline; 3-4x the time); default "
-                             f"{default}: {why} (docs/eval.md)")
+                             f"before it in FP8, as llm-compressor's sequential pipeline; 3-4x the time){extra}; "
+                             f"default {default}: {why} (docs/eval.md)")
 
 
 @dataclass
@@ -257,12 +261,14 @@ def inc_gptq_rounded(w: torch.Tensor, hessian: torch.Tensor, fmt_max: float) -> 
 
 
 def write_gptq_rounded_checkpoint(model_path: str, out_dir: str, hessians: dict[str, torch.Tensor],
-                                  fmt_max: float = 448.0, progress: bool = True) -> list[str]:
+                                  fmt_max: float = 448.0, progress: bool = True,
+                                  targets: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Copy `model_path` to `out_dir` with every Linear weight that has a Hessian GPTQ-rounded onto
     the FP8 grid of INC's per-channel power-of-two scale: w' = s_c * q, exact in bf16 (q has 4
     significant bits, s_c is a power of two). INC's QUANTIZE step then recomputes a power-of-two
     scale from w' (s_c or a neighbouring power of two) and gets back exactly q, so the files INC
-    reads and writes stay standard. Returns the rounded module names."""
+    reads and writes stay standard. `targets`: refitted weights to round instead of the checkpoint's
+    (asymmetric calibration, see measure_hessians_sequential). Returns the rounded module names."""
     import shutil
 
     from safetensors import safe_open
@@ -286,7 +292,8 @@ def write_gptq_rounded_checkpoint(model_path: str, out_dir: str, hessians: dict[
                 t = f.get_tensor(name)
                 module = name[: -len(".weight")] if name.endswith(".weight") else None
                 if module in hessians and t.dim() == 2:
-                    t = inc_gptq_rounded(t, hessians[module], fmt_max).to(t.dtype)
+                    src = targets[module] if targets and module in targets else t
+                    t = inc_gptq_rounded(src, hessians[module], fmt_max).to(t.dtype)
                     done.append(module)
                 tensors[name] = t.contiguous()
         save_file(tensors, os.path.join(out_dir, fn), metadata=metadata or {"format": "pt"})
@@ -295,12 +302,13 @@ def write_gptq_rounded_checkpoint(model_path: str, out_dir: str, hessians: dict[
 
 def gptq_for_inc(model_path: str, prompts: list[str], out_dir: str, scale_method: str, device: str,
                  progress: bool = True, skip: list[str] = (), keep: list[str] = (), input_backoff: float = 0.25,
-                 sequential: bool = False) -> str:
+                 sequential: bool = False, asymmetric: bool = False) -> str:
     """`herd calibrate --rounding gptq`: Hessians from the calibration prompts, then the rounded
     bf16 copy that the MEASURE step and serving use. Modules that stay bf16 (blocklist regexes
     `skip`, checkpoint names `keep`) keep their weights. `sequential`: each layer's Hessians on the
     states of the layers before it in FP8 (rounded weights, static input scales maxabs / (fullscale
-    * `input_backoff`)). Returns the copy's folder."""
+    * `input_backoff`)); `asymmetric` (implies sequential): each FP8 weight refitted to the unquantized
+    model's outputs first. Returns the copy's folder."""
     from herd.engine.tokenizer import get_tokenizer
     from herd.model.loader import load_model
     from herd.quant.hessian import measure_hessians, measure_hessians_sequential
@@ -315,15 +323,17 @@ def gptq_for_inc(model_path: str, prompts: list[str], out_dir: str, scale_method
     model = load_model(model_path, dtype=torch.float32)
     try:
         hf_prefix = "language_model." if getattr(model.config, "multimodal", False) else ""
-        if sequential:
+        targets = {} if asymmetric else None
+        if sequential or asymmetric:
             hessians = measure_hessians_sequential(model, seqs, lambda w, h: inc_gptq_rounded(w, h, fmt_max), wanted,
-                                                   hf_prefix, "static", input_backoff * fmt_max / 448.0, progress)
+                                                   hf_prefix, "static", input_backoff * fmt_max / 448.0, progress,
+                                                   targets=targets)
         else:
             hessians = measure_hessians(model, seqs, hf_prefix, progress)
         hessians = {n: h for n, h in hessians.items() if wanted(n)}
     finally:
         del model
         gc.collect()
-    done = write_gptq_rounded_checkpoint(model_path, out_dir, hessians, fmt_max, progress)
+    done = write_gptq_rounded_checkpoint(model_path, out_dir, hessians, fmt_max, progress, targets)
     print(f"GPTQ-rounded {len(done)} Linear weights onto the FP8 grid of {scale_method}: {out_dir}")
     return out_dir

@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gptq: round the weights onto INC's per-channel power-of-two FP8 grid with GPTQ error "
                              "feedback from the calibration prompts, in a bf16 copy <OUT>/<model>/gptq-bf16 that "
                              "is measured and served (needs a *_weights_pcs_maxabs_pow2 --scale-method)")
-    add_gptq_inputs_argument(parser, "quantized", "it compensates part of what static input scales cost")
+    add_gptq_inputs_argument(parser, "quantized", "it compensates part of what static input scales cost",
+                             choices=("original", "quantized", "asymmetric"))
     static = [m.value for m in ScaleMethod if not PRESETS[m].dynamic]
     parser.add_argument("--scale-method", default="maxabs_hw", type=str.lower, choices=static, metavar="METHOD",
                         help="scale_method written into the QUANTIZE config (default: maxabs_hw); one of "
@@ -357,7 +358,8 @@ def run(args: argparse.Namespace) -> int:
             args.model = gptq_for_inc(args.model, prompts, str(model_root / "gptq-bf16"), args.scale_method,
                                       args.device, skip=args.blocklist_names, keep=kept.kept_modules(),
                                       input_backoff=method.activation.backoff,
-                                      sequential=args.gptq_inputs == "quantized")
+                                      sequential=args.gptq_inputs == "quantized",
+                                      asymmetric=args.gptq_inputs == "asymmetric")
         eager = {"enforce_eager": True} if getattr(args, "enforce_eager", False) else {}
         measure(args.model, prompts, measure_cfg, args.batch_size, args.tensor_parallel_size,
                 args.max_model_len, args.dtype, **eager)
