@@ -81,6 +81,29 @@ def test_grouped_gemm_matches_torch(M, E, N, K):
         torch.testing.assert_close(out, torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), **TOL)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M,E,N,K", [
+    (1, 1, 576, 576), (4, 1, 960, 1025), (1, 1, 12304, 200), (6, 1, 2048, 64), (16, 16, 2048, 512),
+    (8, 4, 4096, 131), (2, 8, 16, 4000)])
+def test_split_k_matches_torch(M, E, N, K, threads):
+    """Every expert with at most 6 rows and K >= 64: split-K over blocks of whole K rows (one
+    column panel where rows x N fits the partial sums' limit of 6,144 floats, several with a
+    narrower last one where not; K-ranges with a short last one, K not a multiple of the 8-row
+    step), for 1-3 threads (the chunk count follows the thread count), fp32 and bf16."""
+    a, w, offs = grouped_inputs(M, E, N, K, seed=M * K + N)
+    counts = offs.diff(prepend=offs.new_zeros(1))
+    assert 0 < int(counts.max()) <= 6 and K >= 64
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.herd.cpu_grouped_gemm(a, w, offs)
+        out16 = torch.ops.herd.cpu_grouped_gemm(a.bfloat16(), k_major(w.bfloat16()), offs)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, grouped_ref(a, w, offs), **TOL)
+    assert_bf16_rounding_of(out16, grouped_ref(a.bfloat16().float(), w.bfloat16().float(), offs))
+
+
 def test_grouped_gemm_idle_experts_and_rows_past_the_end():
     """Experts with no rows are skipped; rows past offs[-1] (pairs of other EP ranks) are not
     computed, and the ones before them are right."""
@@ -340,3 +363,23 @@ def test_prefill_sized_experts_with_unaligned_rows_stay_on_the_kernel():
     offs = torch.bincount(torch.randint(0, E, (T,), generator=g), minlength=E).cumsum(0).to(torch.int32)
     assert T > moe.CPU_KERNEL_MAX_ROWS_PER_EXPERT * E and cpu_grouped_gemm_supported(a.dtype, w)
     torch.testing.assert_close(moe.grouped_gemm(a, w, offs), grouped_ref(a, w, offs), **TOL)
+
+
+def test_build_from_another_folder_gives_the_same_kernels(tmp_path):
+    """build_from (benchmarks/cpu_kernels_ab.py's baseline build) compiles the sources of a folder
+    into a library with the same entry points; from these sources it computes what the cached
+    library does."""
+    import shutil
+
+    from herd.ops.cpu import build
+
+    for p in build.SOURCES + build.HEADERS:
+        shutil.copy(p, tmp_path / p.name)
+    lib = build.build_from(tmp_path, tmp_path / "copy.so")
+    a, w, offs = grouped_inputs(5, 3, 256, 96, seed=3)
+    out = torch.empty(5, 256)
+    assert lib.herd_grouped_gemm_f32(a.data_ptr(), 96, w.data_ptr(), w.stride(0), w.stride(2), out.data_ptr(), 256,
+                                     offs.data_ptr(), 3, 256, 96, 2) == 0
+    torch.testing.assert_close(out, torch.ops.herd.cpu_grouped_gemm(a, w, offs), atol=0, rtol=0)
+    assert lib.herd_grouped_gemm_f32(a.data_ptr(), 96, w.data_ptr(), w.stride(0), w.stride(2), out.data_ptr(), 256,
+                                     offs.data_ptr(), 3, 250, 96, 2) == -1   # N % 16 != 0 is refused

@@ -43,11 +43,11 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str, out: Path) -> None:
+def _build(cc: str, out: Path, sources: tuple[Path, ...] = SOURCES) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
-        subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(so), "-lm"], check=True, capture_output=True,
+        subprocess.run([cc, *FLAGS, *map(str, sources), "-o", str(so), "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(so, out)  # atomic: other processes building the same key see one whole file
 
@@ -81,7 +81,21 @@ def load_library() -> ctypes.CDLL | None:
         lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
         logger.warning("herd CPU kernels unavailable (%s); using torch kernels", lines[-1] if lines else type(e).__name__)
         return None
+    return _declare(lib)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib
+
+
+def build_from(folder: Path, out: Path) -> ctypes.CDLL:
+    """The kernels built from the sources in `folder` (files named as SOURCES and HEADERS) into
+    `out`, uncached: benchmarks/cpu_kernels_ab.py compares another revision's kernels with these."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    _build(cc, out, tuple(folder / p.name for p in SOURCES))
+    return _declare(ctypes.CDLL(str(out)))

@@ -11,6 +11,14 @@
    where arithmetic is the limit. An expert with STRIP_MIN rows or more (K up to STRIP_MAX_K) goes
    through strips instead: SR rows x SV vectors of columns over the whole K in registers, whose
    first rows' pass prefetches the next strip's weights, so reading memory and arithmetic overlap.
+   Where no expert has more than MR rows (decode: one row for a dense linear, a few per expert),
+   the work is split along K instead (use_kchunks): a K-range of the weight over all N columns is
+   one contiguous block of K-major storage, so each work item is a single stream from memory,
+   where the panels read runs of a few hundred bytes to 2 KiB at the row stride (1.1-1.7x the
+   panels' GB/s at one row; docs/benchmarks.md). Each item sums into a partial sum of its own,
+   kept in L1 (KCHUNK_ACC floats: N wider than that is cut into column panels), and the partial
+   sums are added in K order at the end, so a result depends on the thread count only through
+   float32 summation order.
    Rows past offs[E-1] are not written.
 
    gemm_body.h holds the kernels; it is included once per element type: float32, and bfloat16
@@ -48,6 +56,15 @@ typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
 #define STRIP_MIN 5       /* rows of one expert from which strips beat the panel + tiles */
 #define STRIP_MAX_K 1024  /* two strips' weights (SV * VL x K each, <= 192 KiB) stay inside L2 */
 #define PANEL_MAX_BYTES 1048576  /* a panel's weights, reread from L2 by the rows after its first pass */
+
+#define KCHUNK_ACC 6144   /* floats of one split-K partial sum (rows x N): 24 KiB, inside L1 */
+#define KCHUNK_MIN_K 32   /* K rows of the smallest split-K chunk */
+
+/* Whether the GEMM goes through split-K chunks: every expert's rows fit one pass (MR). */
+static inline int use_kchunks(int64_t most, int64_t N, int64_t K) {
+    (void)N;
+    return most > 0 && most <= MR && K >= 2 * KCHUNK_MIN_K;
+}
 
 /* Whether an expert's rows go through strips (gemm_body.h) rather than a panel and tiles. */
 static inline int use_strips(int64_t rows, int64_t K) { return rows >= STRIP_MIN && K <= STRIP_MAX_K; }

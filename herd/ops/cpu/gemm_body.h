@@ -120,6 +120,93 @@ static void FN(strips)(const T *a, int64_t lda, const T *wp, int64_t ldk, T *out
     }
 }
 
+
+/* part[m, 0:N] = sum over k in [k0, k1) of a[m, k] * w[k, 0:N] for ROWS token rows: a K-range of
+   the weight over all its columns, which K-major storage holds as one contiguous block (its
+   rows are ldk apart, ldk barely above N), so each work item reads a single stream. */
+#define KCHUNK(ROWS)                                                                          \
+static void FN(kchunk_##ROWS)(const T *a, int64_t lda, const T *w, int64_t ldk, float *part, \
+                              int64_t k0, int64_t k1, int64_t N) {                            \
+    memset(part, 0, sizeof(float) * ROWS * (size_t)N);                                        \
+    int64_t k = k0;                                                                           \
+    for (; k + KS <= k1; k += KS) {                                                           \
+        float x[ROWS][KS];                                                                    \
+        _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                               \
+            _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) x[m][j] = GET(a + m * lda + k + j); \
+        const T *wk = w + k * ldk;                                                            \
+        for (int64_t n = 0; n < N; n += VL) {                                                 \
+            vf v[KS];                                                                         \
+            _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) v[j] = LOADV(wk + j * ldk + n); \
+            _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++) {                         \
+                vf s = loadv_f32(part + m * N + n);                                           \
+                _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) s += v[j] * x[m][j];    \
+                storev_f32(part + m * N + n, s);                                              \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    for (; k < k1; k++) {                                                                     \
+        const T *wk = w + k * ldk;                                                            \
+        for (int64_t n = 0; n < N; n += VL) {                                                 \
+            vf v0 = LOADV(wk + n);                                                            \
+            _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                           \
+                storev_f32(part + m * N + n, loadv_f32(part + m * N + n) + v0 * GET(a + m * lda + k)); \
+        }                                                                                     \
+    }                                                                                         \
+}
+KCHUNK(1) KCHUNK(2) KCHUNK(3) KCHUNK(4) KCHUNK(5) KCHUNK(6)
+static void (*const FN(KCHUNKS)[MR])(const T *, int64_t, const T *, int64_t, float *, int64_t, int64_t, int64_t) = {
+    FN(kchunk_1), FN(kchunk_2), FN(kchunk_3), FN(kchunk_4), FN(kchunk_5), FN(kchunk_6)};
+
+/* Split-K (use_kchunks): each touched expert's weight cut into column panels as wide as a partial
+   sum in L1 allows (all N where it fits) and K-ranges of them; each (panel, K-range) work item
+   streams its block (runs of the panel's width, contiguous where the panel is all of N) into a
+   partial sum of its own. Then each panel's partial sums are added in K order and rounded once
+   into out. */
+static int FN(grouped_kchunks)(const T *a, int64_t lda, const T *w, int64_t lde, int64_t ldk,
+                               T *out, int64_t ldo, const int32_t *offs, int64_t E, int64_t N,
+                               int64_t K, int64_t touched, int64_t most, int num_threads) {
+    int64_t width = KCHUNK_ACC / most / 16 * 16;
+    if (width > N) width = N;
+    const int64_t panels = (N + width - 1) / width;       /* per expert */
+    int64_t chunks = (8 * num_threads + touched * panels - 1) / (touched * panels);   /* per panel */
+    int64_t len = (K + chunks - 1) / chunks;
+    len = (len + KS - 1) / KS * KS;
+    if (len < KCHUNK_MIN_K) len = KCHUNK_MIN_K;
+    chunks = (K + len - 1) / len;
+    const int64_t n_items = touched * panels * chunks, part = most * width;
+    int64_t *experts = malloc(sizeof(int64_t) * (size_t)touched);
+    float *parts = malloc(sizeof(float) * (size_t)(n_items * part));
+    if (!experts || !parts) { free(experts); free(parts); return -1; }
+    for (int64_t e = 0, t = 0; e < E; e++)
+        if (offs[e] > (e ? offs[e - 1] : 0)) experts[t++] = e;
+    #pragma omp parallel num_threads(num_threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n_items; i++) {       /* i = (expert * panels + panel) * chunks + chunk */
+            const int64_t e = experts[i / (panels * chunks)], p = i / chunks % panels, c = i % chunks;
+            const int64_t lo = e ? offs[e - 1] : 0, rows = offs[e] - lo;
+            const int64_t n0 = p * width, nw = N - n0 < width ? N - n0 : width;
+            const int64_t k0 = c * len, k1 = k0 + len < K ? k0 + len : K;
+            FN(KCHUNKS)[rows - 1](a + lo * lda, lda, w + e * lde + n0, ldk, parts + i * part, k0, k1, nw);
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < touched * panels; t++) {
+            const int64_t e = experts[t / panels], lo = e ? offs[e - 1] : 0, rows = offs[e] - lo;
+            const int64_t n0 = t % panels * width, nw = N - n0 < width ? N - n0 : width;
+            const float *p0 = parts + t * chunks * part;
+            for (int64_t m = 0; m < rows; m++)
+                for (int64_t n = 0; n < nw; n += VL) {
+                    vf s = loadv_f32(p0 + m * nw + n);
+                    for (int64_t c = 1; c < chunks; c++) s += loadv_f32(p0 + c * part + m * nw + n);
+                    STOREV(out + (lo + m) * ldo + n0 + n, s);
+                }
+        }
+    }
+    free(experts);
+    free(parts);
+    return 0;
+}
+
 /* Returns 0, or -1 when N is not a multiple of 16 or memory runs out. */
 int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int64_t ldk,
                           T *out, int64_t ldo, const int32_t *offs, int64_t E, int64_t N,
@@ -131,6 +218,8 @@ int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int6
         touched += r > 0;
         if (r > most) most = r;
     }
+    if (use_kchunks(most, N, K))
+        return FN(grouped_kchunks)(a, lda, w, lde, ldk, out, ldo, offs, E, N, K, touched, most, num_threads);
     /* panel width: NW, or narrower so that there are at least 4 panels per thread */
     int64_t per_expert = (4 * num_threads + touched - 1) / (touched ? touched : 1);
     int64_t nw = (N + per_expert - 1) / per_expert;
@@ -190,6 +279,7 @@ int FN(herd_linear)(const T *a, int64_t lda, const T *w, int64_t ldk, T *out, in
 }
 
 #undef PANEL
+#undef KCHUNK
 #undef STRIP
 #undef TILE
 #undef TILES_OF
