@@ -226,11 +226,14 @@ def paged_ref(q, k_cache, v_cache, phys, mask, scale):
                                           enable_gqa=q.shape[1] != k_cache.shape[2])[:, :, 0, :]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,H,Hkv,D,bs,W", [(1, 4, 4, 16, 16, 1), (5, 8, 2, 64, 16, 3), (3, 6, 2, 32, 128, 2),
                                             (7, 5, 1, 128, 4, 9), (1, 9, 3, 64, 128, 3), (2, 40, 8, 128, 16, 5)])
-def test_paged_decode_matches_sdpa(B, H, Hkv, D, bs, W):
+def test_paged_decode_matches_sdpa(B, H, Hkv, D, bs, W, dtype):
     """Windows start inside a block (chunked-local layers) and end at each sequence's own length;
-    padded blocks point at block 0 and are masked; blocks are scattered in the cache."""
+    padded blocks point at block 0 and are masked; blocks are scattered in the cache. A bf16
+    query and cache are computed in fp32 (each value widens exactly) and the output rounded once
+    to bf16: the fp32 reference on the same bf16 values, rounded, within a bf16 step."""
     from herd.ops.cpu import cpu_paged_decode_supported
     g = torch.Generator().manual_seed(B * 100 + D)
     nb = B * W + 3
@@ -245,9 +248,15 @@ def test_paged_decode_matches_sdpa(B, H, Hkv, D, bs, W):
     used = (lens + bs - 1) // bs
     phys = torch.where(torch.arange(W)[None, :] < used[:, None], phys, 0)   # padding -> block 0
     mask = mask[:, None, None, :]
+    q, k_cache, v_cache = (t.to(dtype) for t in (q, k_cache, v_cache))
     assert cpu_paged_decode_supported(q, k_cache)
+    assert not cpu_paged_decode_supported(q.float() if dtype == torch.bfloat16 else q.bfloat16(), k_cache)
     out = torch.ops.herd.cpu_paged_decode(q, k_cache, v_cache, phys, mask, D ** -0.5)
-    torch.testing.assert_close(out, paged_ref(q, k_cache, v_cache, phys, mask, D ** -0.5), **TOL)
+    ref = paged_ref(q.float(), k_cache.float(), v_cache.float(), phys, mask, D ** -0.5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, **TOL)
+    else:
+        assert_bf16_rounding_of(out, ref)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

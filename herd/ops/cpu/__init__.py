@@ -8,8 +8,9 @@ weights stored K-major (loader.relayout_for_cpu), activations of the same type. 
 is the reference it is tested against. cpu_linear: F.linear(x, w) without bias for a K-major
 [N, K] weight, the same kernel with one expert; used for decode-sized batches
 (CPU_LINEAR_MAX_ROWS), F.linear is its reference. bf16 is computed in fp32 and rounded once.
-cpu_paged_decode: one query token per sequence against its window of the paged KV cache; the
-sdpa backend's gather + F.scaled_dot_product_attention is its reference.
+cpu_paged_decode: one query token per sequence against its window of the paged KV cache (fp32
+or bf16 caches, computed in fp32); the sdpa backend's gather + F.scaled_dot_product_attention is
+its reference.
 
 The operators are defined with torch.library.Library and a CPU implementation rather than
 torch.library.custom_op: a call costs about 4 us instead of 35 us, which matters at batch 1 where
@@ -55,9 +56,9 @@ def cpu_linear_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def cpu_paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """fp32 query and cache (no FP8 KV) on the CPU, head dim a multiple of 16 up to 256, at most
-    64 query heads (attention.c's limits)."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
+    """fp32 or bf16 query and cache of the same type (no FP8 KV) on the CPU, head dim a multiple
+    of 16 up to 256, at most 64 query heads (attention.c's limits)."""
+    return (q.device.type == "cpu" and q.dtype in _SUFFIX and k_cache.dtype == q.dtype
             and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and q.shape[-2] <= 64 and k_cache.dim() == 4
             and k_cache.stride(-1) == 1 and kernels_available())
 
@@ -125,6 +126,8 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   mask: torch.Tensor, scale: float) -> torch.Tensor:
     B, H, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
+    dtype = q.dtype
+    q = q.float()   # the kernel takes an fp32 query and gives an fp32 output for either cache type
     if q.stride(-1) != 1 or q.stride(1) != D:
         q = q.contiguous()
     if v_cache.stride() != k_cache.stride():
@@ -132,11 +135,11 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     phys = phys.to(torch.int64).contiguous()
     m = mask.reshape(B, -1).contiguous().view(torch.uint8)
     out = q.new_empty(B, H, D)
-    _check(load_library().herd_paged_decode_f32(
+    _check(getattr(load_library(), "herd_paged_decode_" + _SUFFIX[k_cache.dtype])(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), phys.data_ptr(), m.data_ptr(), out.data_ptr(), B, H, Hkv, D, phys.shape[1], bs,
         float(scale), torch.get_num_threads()), f"paged decode (H={H}, Hkv={Hkv}, D={D})")
-    return out
+    return out.to(dtype)
 
 
 # The registration handle lives as long as the module (torch keeps the operators it defines).

@@ -24,7 +24,7 @@ from herd.hub.herd_cache import herd_cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("gemm.c", "attention.c"))
-HEADERS = tuple(Path(__file__).with_name(n) for n in ("gemm_body.h",))  # part of the key, not compiled alone
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("gemm_body.h", "attention_body.h"))  # part of the key, not compiled alone
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 
@@ -57,8 +57,8 @@ SIGNATURES = {  # C entry point -> argument types (each returns int: 0, or -1 on
     **{f"herd_grouped_gemm_{t}": [_PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT]
        for t in ("f32", "bf16")},
     **{f"herd_linear_{t}": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT] for t in ("f32", "bf16")},
-    "herd_paged_decode_f32": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64,
-                              _I64, _I64, _I64, ctypes.c_float, _INT],
+    **{f"herd_paged_decode_{t}": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64,
+                                  _I64, _I64, _I64, ctypes.c_float, _INT] for t in ("f32", "bf16")},
 }
 
 
