@@ -85,13 +85,22 @@ def main(argv=None) -> int:
             sh(HERD + ["calibrate", "-m", M, "-d", calib_rows, "-o", o(name), "--dtype", "float32", "-b", "16"]
                + extra, log)
     inc = lambda name: f"inc,quant_config_path={o(f'{name}/{model_dir}/maxabs_quant_cuda.json')}"  # noqa: E731
+    # INC dynamic quantization on inc-gptq-9's weights (the same per-channel power-of-two grid) and
+    # blocklist: per-token power-of-two activation scales instead of the static ones, nothing measured
+    dyn = o(f"inc-gptq-9/{model_dir}/maxabs_quant_dynamic.json")
+    with open(o(f"inc-gptq-9/{model_dir}/maxabs_quant_cuda.json")) as f:
+        static_cfg = json.load(f)
+    with open(dyn, "w") as f:
+        json.dump({**static_cfg, "scale_method": "maxabs_pcs_pow2", "dynamic_quantization": True,
+                   "dump_stats_path": ""}, f, indent=2)
     configs = ["label=fp32,fp32", "label=fp8-online,fp8"]
     configs += [f"label={name},model={o(name)}" for name in exports]
     configs += [f"label=inc-maxabs_hw,{inc('inc-maxabs_hw')}",
                 f"label=inc-gptq,{inc('inc-gptq')},model={o(f'inc-gptq/{model_dir}/gptq-bf16')}",
                 f"label=inc-gptq-attn-bf16,{inc('inc-gptq-attn-bf16')},"
                 f"model={o(f'inc-gptq-attn-bf16/{model_dir}/gptq-bf16')}",
-                f"label=inc-gptq-9,{inc('inc-gptq-9')},model={o(f'inc-gptq-9/{model_dir}/gptq-bf16')}"]
+                f"label=inc-gptq-9,{inc('inc-gptq-9')},model={o(f'inc-gptq-9/{model_dir}/gptq-bf16')}",
+                f"label=inc-dyn-9,inc,quant_config_path={dyn},model={o(f'inc-gptq-9/{model_dir}/gptq-bf16')}"]
     tables = []
     for text in args.texts:
         js = o(f"{text}.json")

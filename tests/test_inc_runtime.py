@@ -178,3 +178,53 @@ def test_dense_llama_nodes_use_vllm_names(tmp_path, capsys):
               num_kv_blocks=16, block_size=4)
     ffn = llm.llm_engine.executor.runner.model.model.layers[1].feed_forward
     assert ffn.down_proj.weight.dtype == FP8_DTYPE and float(ffn.down_proj.input_scale) > 0
+
+
+@pytest.mark.parametrize("method,inc_version,backoff", [("maxabs_pcs_pow2", "3.8.1", 0.5),
+                                                        ("act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw", "3.8", 1.0)])
+def test_dynamic_quantization_needs_no_measurements(scout_dir, tmp_path, method, inc_version, backoff):
+    """vllm-gaudi's dynamic QUANT_CONFIG (no dump_stats_path, nothing measured): weights FP8 with
+    the method's weight scales (PCS power of two, or one HW-aligned scale per tensor), activations
+    scaled per token by powers of two with INC's backoff for its version (0.5 from 3.8.1, else
+    1.0); the blocklist keeps its nodes in full precision and no KV cache is quantized."""
+    from herd.ops.fp8 import quantize_per_token_pow2
+
+    cfg = tmp_path / "dyn.json"
+    cfg.write_text(json.dumps({"mode": "QUANTIZE", "observer": "maxabs", "scale_method": method,
+                               "dynamic_quantization": True, "dump_stats_path": "", "inc_version": inc_version,
+                               "blocklist": {"types": ["Matmul", "KVCache", "VLLMKVCache"],
+                                             "names": ["self_attn.o_proj"]}}))
+    kw = dict(dtype="float32", max_model_len=96, num_kv_blocks=32, block_size=4, enable_prefix_caching=False)
+    llm = LLM(scout_dir, quantization="inc", quant_config_path=str(cfg), **kw)
+    runner = llm.llm_engine.executor.runner
+    layer = runner.model.model.layers[0]
+    ref_layer = LLM(scout_dir, **kw).llm_engine.executor.runner.model.model.layers[0]
+    qkv, ref_qkv = layer.self_attn.qkv_proj, ref_layer.self_attn.qkv_proj
+    assert qkv.weight.dtype == FP8_DTYPE and not hasattr(qkv, "input_scale")
+    s = qkv.weight_scale.reshape(-1)
+    w = ref_qkv.weight.float()
+    if method == "maxabs_pcs_pow2":   # per out channel: 2^ceil(log2(max|W_row| / (448 * 0.5)))
+        assert torch.equal(s, torch.exp2(torch.ceil(torch.log2(w.abs().amax(1) / 224))))
+    else:   # one scale per tensor, max|W| / (448 * 0.5); HW alignment is the identity on CUDA's E4M3
+        assert s.unique().numel() == 1
+        torch.testing.assert_close(s[0], w.abs().max() / 224)
+    assert layer.self_attn.o_proj.weight.dtype == torch.float32                   # blocklisted
+    assert layer.feed_forward.experts.w13_weight.dtype == FP8_DTYPE
+    assert runner.kv_caches[0][0].dtype != FP8_DTYPE
+    # the forward of a quantized linear is per-token power-of-two FP8 of its input times the FP8 weight
+    x = torch.randn(5, w.shape[1]) * torch.tensor([1e-3, 1.0, 7.0, 300.0, 0.02])[:, None]
+    xq, xs = quantize_per_token_pow2(x, backoff)
+    assert torch.all(xs.log2() == xs.log2().round())
+    peak = (x.abs().amax(1, keepdim=True) / xs)
+    assert torch.all(peak <= 448 * backoff) and torch.all(peak > 224 * backoff)
+    want = (xq.float() * xs) @ (qkv.weight.float() * qkv.weight_scale.float()).T
+    torch.testing.assert_close(qkv(x), want, rtol=1e-5, atol=1e-5)
+    # and the engine generates, close to the fp32 model
+    ids = torch.arange(3, 40)
+    ref_model = LLM(scout_dir, **kw).llm_engine.executor.runner.model
+    with torch.no_grad():
+        ref = ref_model.compute_logits(ref_model(ids, torch.arange(37)))
+        got = runner.model.compute_logits(runner.model(ids, torch.arange(37)))
+    assert ((got - ref).norm() / ref.norm()).item() < 0.3
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert len(llm.generate("The fox jumps over", params, use_tqdm=False)[0].outputs[0].token_ids) == 6

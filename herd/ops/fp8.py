@@ -20,6 +20,19 @@ def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
+_TINY = torch.finfo(torch.bfloat16).tiny
+
+
+def quantize_per_token_pow2(x: torch.Tensor, backoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """INC's dynamic per-token scales (maxabs_pcs_pow2 and act_maxabs_pcs_pow2_*): x [T, K] ->
+    (fp8, scale [T, 1]) with scale = 2^ceil(log2(max(max|x_row| / (448 * backoff), tiny))), so a
+    row's largest value lands in (224, 448] * backoff."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    raw = (amax / amax.new_full((), FP8_MAX * backoff)).clamp(min=_TINY)
+    scale = torch.exp2(torch.ceil(torch.log2(raw)))
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
 # herd's one-kernel Triton quantization on CUDA (herd/ops/triton/fp8_quant.py): bit-identical to
 # the reference under the Triton interpreter and compiled for sm90 in the tests, off until a GPU
 # run confirms it there (benchmarks/gpu_check.py: the fp8_quant kernel cases, the fp8-triton perf run).
@@ -65,11 +78,14 @@ def _scaled_mm_ok(x: torch.Tensor, wq: torch.Tensor) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-               input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequant(wq).T with x quantized to FP8 (per token, or with a static input_scale)."""
+               input_scale: torch.Tensor | None = None, pow2_backoff: float | None = None) -> torch.Tensor:
+    """y = x @ dequant(wq).T with x quantized to FP8: per token (scale max / 448, or INC's power of
+    two with `pow2_backoff`), or with a static input_scale."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if input_scale is None:
+    if input_scale is None and pow2_backoff is not None:
+        xq, x_scale = quantize_per_token_pow2(x2, pow2_backoff)
+    elif input_scale is None:
         xq, x_scale = quantize_per_token(x2)
     else:
         xq, x_scale = quantize_static(x2, input_scale), input_scale.float().reshape(1, 1)

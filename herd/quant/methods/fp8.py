@@ -12,7 +12,8 @@ from torch import nn
 
 from herd.model.layers import UnquantizedLinearMethod
 from herd.model.llama4 import QuantMethods
-from herd.ops.fp8 import FP8_DTYPE, FP8_MAX, fp8_linear, quantize_per_token, quantize_weight
+from herd.ops.fp8 import (FP8_DTYPE, FP8_MAX, fp8_linear, quantize_per_token, quantize_per_token_pow2,
+                          quantize_weight)
 from herd.ops.moe import MoeRouting, fused_moe, fused_moe_ref, grouped_gemm, grouped_mm_supported, triton_moe_gemm
 from herd.quant.compressed_tensors.config import herd_to_hf_modules
 
@@ -31,8 +32,11 @@ class Fp8LinearMethod:
     """FP8 E4M3 weight [out, in] + fp32 scale [out, 1]; activations per token (dynamic) or with a
     static per-tensor `input_scale`."""
 
-    def __init__(self, from_checkpoint: bool = False, static_input: bool = False, weight_scaler=None):
+    def __init__(self, from_checkpoint: bool = False, static_input: bool = False, weight_scaler=None,
+                 pow2_backoff: float | None = None):
         self.from_checkpoint, self.static_input = from_checkpoint, static_input
+        # dynamic inputs with INC's power-of-two per-token scales (fp8_linear's pow2_backoff)
+        self.pow2_backoff = pow2_backoff
         # weight_scaler(weight) -> scale [out, 1]; default: per-channel amax / 448
         self.weight_scaler = weight_scaler
 
@@ -60,7 +64,7 @@ class Fp8LinearMethod:
 
     def apply(self, layer, x):
         return fp8_linear(x, layer.weight, layer.weight_scale,
-                          layer.input_scale if self.static_input else None)
+                          layer.input_scale if self.static_input else None, self.pow2_backoff)
 
 
 class Fp8MoEMethod:
@@ -80,9 +84,11 @@ class Fp8MoEMethod:
         bf16-only) the per-expert reference loop.
     `use_reference=True` always runs the reference loop (fused_moe_ref with per-expert fp8_linear)."""
 
-    def __init__(self, from_checkpoint: bool = False, static_input: bool = False, use_reference: bool = False):
+    def __init__(self, from_checkpoint: bool = False, static_input: bool = False, use_reference: bool = False,
+                 pow2_backoff: float | None = None):
         self.from_checkpoint, self.static_input = from_checkpoint, static_input
         self.use_reference = use_reference
+        self.pow2_backoff = pow2_backoff   # dynamic inputs with INC's power-of-two per-token scales
 
     def create_weights(self, layer, dtype):
         E, D, I = layer.num_local_experts, layer.hidden_size, layer.inter_local
@@ -120,7 +126,7 @@ class Fp8MoEMethod:
             if scale is not None:
                 scale = scale[self._global(layer, e)].reshape(1)
             return fp8_linear(h, getattr(layer, f"{which}_weight")[e], getattr(layer, f"{which}_weight_scale")[e],
-                              scale)
+                              scale, self.pow2_backoff)
         return fused_moe_ref(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
                              apply_router_weight_on_input=True, expert_map=layer.expert_map, linear=linear)
 
@@ -134,6 +140,8 @@ class Fp8MoEMethod:
                 scales = getattr(layer, f"{which}_input_scale").narrow(0, first, E).float()
                 a_scale = scales[r.expert.clamp(max=E - 1)][:, None]
                 aq = (a.float() / a_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            elif self.pow2_backoff is not None:
+                aq, a_scale = quantize_per_token_pow2(a, self.pow2_backoff)
             else:
                 aq, a_scale = quantize_per_token(a)
             N = wq.shape[1]

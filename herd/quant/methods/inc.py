@@ -5,7 +5,9 @@ LM head, MoE op and per-expert intermediates, KV cache and the attention matmuls
 `finish()` writes the INC measurement files, suffixed `_<rank>_<world>` even for one rank.
 QUANTIZE: scales come from this rank's measurement file (or INC's scale cache); linear and expert
 weights are quantized to FP8 on the CPU with those scales, activations use the static input
-scales, and the KV-cache scales feed `--kv-cache-dtype fp8_inc`.
+scales, and the KV-cache scales feed `--kv-cache-dtype fp8_inc`. With `dynamic_quantization`
+(maxabs_pcs_pow2, act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw) nothing is measured: weight scales
+come from the weights, activations get power-of-two scales per token at run time.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from herd.ops.fp8 import FP8_DTYPE, FP8_MAX
 from herd.ops.moe import fused_moe, fused_moe_ref, grouped_gemm, grouped_moe_supported
 from herd.quant.inc.config import IncQuantConfig
 from herd.quant.inc.measure import MeasurementCollector
-from herd.quant.inc.nodes import NodeNaming, inc_nodes_for_module, node_weight
-from herd.quant.inc.scales import scales_for_rank
+from herd.quant.inc.nodes import NodeNaming, inc_nodes_for_module, is_selected, node_weight
+from herd.quant.inc.scales import NodeScales, scales_for_rank, weight_scale
 from herd.quant.methods.fp8 import Fp8LinearMethod, Fp8MoEMethod
 from herd.quant.methods.inc_attention import attention_observer
 
@@ -124,8 +126,7 @@ class IncQuantizeMethods(QuantMethods):
 
     def post_load(self, model):
         if self.cfg.dynamic_quantization:
-            raise ValueError("dynamic_quantization QUANT_CONFIGs are not supported; use --quantization fp8 "
-                             "for per-token dynamic FP8")
+            return self._post_load_dynamic(model)
         nodes = {}
         for name, module in model.named_modules():
             for node in inc_nodes_for_module(name, type(module).__name__,
@@ -153,6 +154,41 @@ class IncQuantizeMethods(QuantMethods):
         logger.info("INC static FP8: %d linears, %d MoE layers, KV scales for %d layers", n_lin, n_moe,
                     len(self.kv_scales))
 
+    def _post_load_dynamic(self, model):
+        """dynamic_quantization: no measurements. Weight scales by the method's weight rule (PCS
+        or PTS, power of two / HW-aligned, as the static methods compute them), and activations
+        scaled per token at run time by powers of two with the method's (INC-version) backoff.
+        INC quantizes no KV cache, softmax or fused SDPA dynamically (NOT_DYNAMIC), so neither does this."""
+        device = self.cfg.scale_device("cuda")
+        fmt = self.cfg.format_for(device)
+
+        def rules(node):
+            return self.cfg.rules_for(node.name, node.class_name) if is_selected(node.name, node.class_name,
+                                                                                   self.cfg) else None
+        n_lin = n_moe = 0
+        for name, module in model.named_modules():
+            nodes = inc_nodes_for_module(name, type(module).__name__, getattr(module, "num_local_experts", None),
+                                         self.naming)
+            if isinstance(module, LinearBase) and nodes and (r := rules(nodes[0])) is not None:
+                w_rule, in_rule, _ = r
+                s = weight_scale(w_rule, device, fmt, module.weight.data)
+                _quantize_linear(module, NodeScales(weight=s), pow2_backoff=in_rule.backoff)
+                n_lin += 1
+            elif isinstance(module, FusedMoE) and nodes and (r := rules(nodes[0])) is not None:
+                experts = {n.name: rules(n) for n in nodes[1:]}
+                missing = [n for n, rule in experts.items() if rule is None]
+                if missing:
+                    raise ValueError(f"{nodes[0].name} is quantized but its expert {missing[0]} is not: herd "
+                                     "quantizes a MoE layer's experts all or none")
+                scales = {n.name: NodeScales(weight=weight_scale(experts[n.name][0], device, fmt,
+                                                                 node_weight(model, n)))
+                          for n in nodes[1:]}
+                _quantize_moe(module, scales, nodes[0].name[:-len(".moe_op")], pow2_backoff=r[1].backoff)
+                n_moe += 1
+        self.report = {"linear": n_lin, "moe": n_moe, "kv_layers": 0}
+        logger.info("INC dynamic FP8: %d linears, %d MoE layers (per-token power-of-two activation scales)",
+                    n_lin, n_moe)
+
     def finish(self):
         return []
 
@@ -166,18 +202,20 @@ def _to_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def _quantize_linear(layer, ns):
+def _quantize_linear(layer, ns, pow2_backoff: float | None = None):
+    """Static input scale from `ns`, or (pow2_backoff) INC's dynamic per-token scales."""
     w = layer.weight.data
     scale = _as_column(ns.weight, w.shape[0])
-    method = Fp8LinearMethod(from_checkpoint=True, static_input=True)
+    dynamic = pow2_backoff is not None
+    method = Fp8LinearMethod(from_checkpoint=True, static_input=not dynamic, pow2_backoff=pow2_backoff)
     layer.weight = torch.nn.Parameter(_to_fp8(w, scale), requires_grad=False)
     layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
-    layer.input_scale = torch.nn.Parameter(torch.tensor([float(ns.inputs[0])]), requires_grad=False)
+    if not dynamic:
+        layer.input_scale = torch.nn.Parameter(torch.tensor([float(ns.inputs[0])]), requires_grad=False)
     layer.quant_method = method
 
 
-def _quantize_moe(layer, scales, full):
-    moe = scales[full + ".moe_op"]
+def _quantize_moe(layer, scales, full, pow2_backoff: float | None = None):
     E = layer.num_local_experts
     for which in ("w13", "w2"):
         w = getattr(layer, f"{which}_weight").data
@@ -191,6 +229,10 @@ def _quantize_moe(layer, scales, full):
             ss.append(s)
         setattr(layer, f"{which}_weight", torch.nn.Parameter(torch.stack(qs), requires_grad=False))
         setattr(layer, f"{which}_weight_scale", torch.nn.Parameter(torch.stack(ss), requires_grad=False))
+    if pow2_backoff is not None:
+        layer.quant_method = Fp8MoEMethod(from_checkpoint=True, pow2_backoff=pow2_backoff)
+        return
+    moe = scales[full + ".moe_op"]
     # input scales by global expert id: the hidden-state scale for w13, each expert's own for w2
     first = layer.tp.rank * E if layer.ep else 0
     w13_in = torch.full((layer.num_experts,), float(moe.inputs[0]))
