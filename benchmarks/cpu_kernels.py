@@ -5,7 +5,9 @@ them from memory, as a decode step does; every figure is the best of --repeats t
 run with the memory bandwidth measured alongside.
 
   dense    herd::cpu_linear (K-major weight) vs F.linear (torch, row-major weight): SmolLM2-135M's
-           and the benchmark MoE's linear shapes at 1, 16, 64 rows; weight GB/s and GFLOP/s
+           and the benchmark MoE's linear shapes at 1, 16, 64 rows; weight GB/s and GFLOP/s; in
+           bf16 also herd's row-major kernel on the row-major weight ("bfloat16-rm", the layout
+           herd keeps bf16 dense linears in) at the decode rows it is used for
   experts  herd::cpu_grouped_gemm vs torch._grouped_mm (both on K-major weights, as loaded),
            16 experts of the MoE checkpoint's shapes, top-1 routing of 1, 16, 64 tokens
   attention herd::cpu_paged_decode vs the sdpa backend's gather + SDPA: 8 query / 2 KV heads,
@@ -30,7 +32,7 @@ preset_threads()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from herd.ops.cpu import k_major, kernels_available  # noqa: E402  (k_major: the loader's layout)
+from herd.ops.cpu import gemv_rm_bf16_max_rows, k_major, kernels_available  # noqa: E402  (k_major: the loader's layout)
 from membw import best_time, measure_bandwidth  # noqa: E402
 
 COPY_BYTES = 96 << 20  # per shape, cycled: three times the L3
@@ -51,12 +53,17 @@ def dense(repeats: int, dtype: torch.dtype) -> list[dict]:
         copies = max(1, COPY_BYTES // (N * K * dtype.itemsize))
         ws = [(torch.randn(N, K) * K ** -0.5).to(dtype) for _ in range(copies)]
         wk = [k_major(w) for w in ws]
-        for M in (1, 16, 64):
+        # bf16 dense weights stay row-major: herd's row-major kernel up to gemv_rm_bf16_max_rows()
+        # rows ("bfloat16-rm" rows), the K-major kernel as before otherwise
+        cases = [(M, wk, str(dtype).split(".")[-1]) for M in (1, 16, 64)]
+        if dtype == torch.bfloat16:
+            cases[1:1] = [(M, ws, "bfloat16-rm") for M in range(1, gemv_rm_bf16_max_rows() + 1)]
+        for M, herd_ws, label in cases:
             x = torch.randn(M, K).to(dtype)
             t_torch = best_ms(lambda: [F.linear(x, w) for w in ws], repeats) / copies
-            t_herd = best_ms(lambda: [torch.ops.herd.cpu_linear(x, w) for w in wk], repeats) / copies
+            t_herd = best_ms(lambda: [torch.ops.herd.cpu_linear(x, w) for w in herd_ws], repeats) / copies
             gb = N * K * dtype.itemsize / 1e9
-            rows.append(dict(shape=f"{name} [{N}, {K}]", dtype=str(dtype).split(".")[-1], rows=M, torch_ms=t_torch, herd_ms=t_herd,
+            rows.append(dict(shape=f"{name} [{N}, {K}]", dtype=label, rows=M, torch_ms=t_torch, herd_ms=t_herd,
                              torch_gbps=gb / t_torch * 1e3, herd_gbps=gb / t_herd * 1e3,
                              herd_gflops=2 * M * N * K / t_herd / 1e6))
     return rows

@@ -392,3 +392,38 @@ def test_build_from_another_folder_gives_the_same_kernels(tmp_path):
     torch.testing.assert_close(out, torch.ops.herd.cpu_grouped_gemm(a, w, offs), atol=0, rtol=0)
     assert lib.herd_grouped_gemm_f32(a.data_ptr(), 96, w.data_ptr(), w.stride(0), w.stride(2), out.data_ptr(), 256,
                                      offs.data_ptr(), 3, 250, 96, 2) == -1   # N % 16 != 0 is refused
+
+
+@pytest.mark.parametrize("N,K", [(576, 576), (963, 100), (4096, 31), (8, 1536)])
+def test_row_major_bf16_linear_matches_f_linear(N, K):
+    """bf16 dense linears stay row-major; at decode rows cpu_linear streams whole weight rows (on
+    the bf16 dot-product instruction where the CPU has one: exact products, fp32 sums) and rounds
+    once to bf16. N not a multiple of the 4-row groups, K not a multiple of the 32-element step."""
+    from herd.ops.cpu import gemv_rm_bf16_max_rows
+
+    most = gemv_rm_bf16_max_rows()
+    assert most >= 1
+    g = torch.Generator().manual_seed(N + K)
+    w = (torch.randn(N, K, generator=g) * K ** -0.5).bfloat16()
+    for rows in range(1, most + 1):
+        x = torch.randn(rows, K, generator=g).bfloat16()
+        assert cpu_linear_supported(x, w)
+        assert_bf16_rounding_of(torch.ops.herd.cpu_linear(x, w), F.linear(x.float(), w.float()))
+    assert not cpu_linear_supported(torch.randn(most + 1, K).bfloat16(), w)   # torch's GEMM from there
+    assert not cpu_linear_supported(torch.randn(1, K), w.float())             # fp32 weights go K-major
+    if N == 576:   # the dispatch traces: no graph break in a compiled decode step
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x: torch.ops.herd.cpu_linear(x, w) if cpu_linear_supported(x, w) else None,
+                           fullgraph=True, backend="aot_eager")
+        x = torch.randn(1, K).bfloat16()
+        torch.testing.assert_close(fn(x), torch.ops.herd.cpu_linear(x, w), atol=0, rtol=0)
+
+
+def test_row_major_kernel_body_in_fp32():
+    """The portable row-major loop (what bf16 runs on CPUs without the dot-product instruction),
+    built for fp32 as well, against F.linear through the C entry point."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 70, generator=g), torch.randn(37, 70, generator=g)
+    out = torch.empty(3, 37)
+    assert load_library().herd_gemv_rm_f32(x.data_ptr(), 70, w.data_ptr(), 70, out.data_ptr(), 37, 3, 37, 70, 2) == 0
+    torch.testing.assert_close(out, F.linear(x, w), **TOL)

@@ -102,7 +102,7 @@ class UnquantizedLinearMethod:
         pass
 
     def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
-        if cpu_linear_supported(x, layer.weight):  # decode-sized batch, K-major fp32 weight on CPU
+        if cpu_linear_supported(x, layer.weight):  # decode-sized batch on the CPU (herd.ops.cpu)
             return torch.ops.herd.cpu_linear(x, layer.weight)
         return F.linear(x, layer.weight)
 

@@ -7,7 +7,9 @@ offs [E] int32 cumulative row ends; rows past offs[-1] left uninitialized) for f
 weights stored K-major (loader.relayout_for_cpu), activations of the same type. torch._grouped_mm
 is the reference it is tested against. cpu_linear: F.linear(x, w) without bias for a K-major
 [N, K] weight, the same kernel with one expert; used for decode-sized batches
-(CPU_LINEAR_MAX_ROWS), F.linear is its reference. bf16 is computed in fp32 and rounded once.
+(CPU_LINEAR_MAX_ROWS); for a row-major bf16 weight a row-streaming kernel (herd_gemv_rm, on the
+CPU's bf16 dot-product instruction where it has one) up to gemv_rm_bf16_max_rows() rows. F.linear
+is the reference of both. bf16 is computed in fp32 and rounded once.
 cpu_paged_decode: one query token per sequence against its window of the paged KV cache (fp32
 or bf16 caches, computed in fp32); the sdpa backend's gather + F.scaled_dot_product_attention is
 its reference.
@@ -49,10 +51,25 @@ def cpu_grouped_gemm_supported(a_dtype: torch.dtype, w: torch.Tensor) -> bool:
     return w.dim() == 3 and _takes(a_dtype, w)
 
 
+@torch.compiler.assume_constant_result
+def gemv_rm_bf16_max_rows() -> int:
+    """Rows up to which the row-major bf16 kernel beats torch's bf16 GEMM here (gemm.c)."""
+    lib = load_library()
+    return lib.herd_gemv_rm_bf16_max_rows() if lib is not None else 0
+
+
+def _takes_row_major(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """bf16 activations and a row-major bf16 weight (herd keeps bf16 dense linears row-major for
+    F.linear) at decode sizes, where the row-major kernel beats torch's bf16 GEMM."""
+    return (w.device.type == "cpu" and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+            and w.stride(-1) == 1 and x.numel() // max(1, x.shape[-1]) <= gemv_rm_bf16_max_rows())
+
+
 def cpu_linear_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """x [..., K] with at most CPU_LINEAR_MAX_ROWS rows and a weight [N, K] the kernel takes."""
+    """x [..., K] with at most CPU_LINEAR_MAX_ROWS rows and a K-major weight [N, K] the kernel
+    takes, or a row-major bf16 weight at the few rows the row-major kernel is for."""
     return (x.dim() >= 1 and x.numel() // max(1, x.shape[-1]) <= CPU_LINEAR_MAX_ROWS and w.dim() == 2
-            and _takes(x.dtype, w))
+            and (_takes(x.dtype, w) or _takes_row_major(x, w)))
 
 
 def cpu_paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -116,6 +133,11 @@ def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     a = _rows(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
     N, K = w.shape
     out = a.new_empty(a.shape[0], N)
+    if w.stride(-1) == 1:   # row-major (bf16 decode rows): one stream of whole weight rows per thread
+        _check(getattr(load_library(), "herd_gemv_rm_" + _SUFFIX[a.dtype])(
+            a.data_ptr(), a.stride(0), w.data_ptr(), w.stride(0), out.data_ptr(), N, a.shape[0], N, K,
+            torch.get_num_threads()), f"row-major linear (N={N})")
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], N)
     _check(getattr(load_library(), "herd_linear_" + _SUFFIX[a.dtype])(
         a.data_ptr(), a.stride(0), w.data_ptr(), w.stride(1), out.data_ptr(), N, a.shape[0], N, K,
         torch.get_num_threads()), f"linear (N={N})")

@@ -57,6 +57,8 @@ SIGNATURES = {  # C entry point -> argument types (each returns int: 0, or -1 on
     **{f"herd_grouped_gemm_{t}": [_PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT]
        for t in ("f32", "bf16")},
     **{f"herd_linear_{t}": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT] for t in ("f32", "bf16")},
+    **{f"herd_gemv_rm_{t}": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT] for t in ("f32", "bf16")},
+    "herd_gemv_rm_bf16_max_rows": [],
     **{f"herd_paged_decode_{t}": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64,
                                   _I64, _I64, _I64, ctypes.c_float, _INT] for t in ("f32", "bf16")},
 }

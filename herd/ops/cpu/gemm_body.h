@@ -4,6 +4,7 @@
 #define LOADV FN(loadv)
 #define STOREV FN(storev)
 #define GET FN(get)
+#define STORE1 FN(store1)
 
 /* acc[m, 0:nw] = sum_k a[m, k] * w[k, 0:nw] for ROWS token rows (nw % VL == 0). */
 #define PANEL(ROWS)                                                                           \
@@ -271,6 +272,51 @@ int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int6
     return 0;
 }
 
+/* Row-major weights (the layout F.linear takes; herd keeps bf16 dense linears so): out[M, N] =
+   a[M, K] @ W^T with W [N, K], row n at w + n * ldw, for decode-sized M. Each thread streams a
+   contiguous range of whole weight rows, GR at a time, and dots each with MB token rows in
+   vector accumulators (a's rows stay in L1); horizontal sums at the end of a row group. */
+#define GR 4   /* weight rows per step */
+#define MB 2   /* token rows per pass over a group's rows (8 accumulators: fits 16 registers) */
+int FN(herd_gemv_rm)(const T *a, int64_t lda, const T *w, int64_t ldw, T *out, int64_t ldo,
+                     int64_t M, int64_t N, int64_t K, int num_threads) {
+    if (num_threads < 1 || M < 1) return -1;
+#if IS_BF16 && defined(HAVE_BF16_DOT)
+    return gemv_rm_bf16_dp(a, lda, w, ldw, out, ldo, M, N, K, num_threads);
+#endif
+    const int64_t groups = (N + GR - 1) / GR, kv = K / VL * VL;
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t n0 = g * GR, nr = N - n0 < GR ? N - n0 : GR;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mr = M - m0 < MB ? M - m0 : MB;
+            vf acc[GR][MB];
+            for (int r = 0; r < GR; r++)
+                for (int m = 0; m < MB; m++) acc[r][m] = (vf){0};
+            for (int64_t k = 0; k < kv; k += VL) {
+                vf x[MB];
+                for (int m = 0; m < MB; m++) x[m] = m < mr ? LOADV(a + (m0 + m) * lda + k) : (vf){0};
+                _Pragma("GCC unroll 4") for (int r = 0; r < GR; r++) {
+                    if (r < nr) {
+                        const vf wv = LOADV(w + (n0 + r) * ldw + k);
+                        _Pragma("GCC unroll 2") for (int m = 0; m < MB; m++) acc[r][m] += wv * x[m];
+                    }
+                }
+            }
+            for (int64_t r = 0; r < nr; r++)
+                for (int64_t m = 0; m < mr; m++) {
+                    float sum = 0.f;
+                    for (int i = 0; i < VL; i++) sum += acc[r][m][i];
+                    for (int64_t k = kv; k < K; k++) sum += GET(w + (n0 + r) * ldw + k) * GET(a + (m0 + m) * lda + k);
+                    STORE1(out + (m0 + m) * ldo + n0 + r, sum);
+                }
+        }
+    }
+    return 0;
+}
+#undef GR
+#undef MB
+
 /* Dense: out[M, N] = a[M, K] @ W^T, W [N, K] K-major (element (n, k) at w + k * ldk + n). */
 int FN(herd_linear)(const T *a, int64_t lda, const T *w, int64_t ldk, T *out, int64_t ldo,
                     int64_t M, int64_t N, int64_t K, int num_threads) {
@@ -288,3 +334,4 @@ int FN(herd_linear)(const T *a, int64_t lda, const T *w, int64_t ldk, T *out, in
 #undef LOADV
 #undef STOREV
 #undef GET
+#undef STORE1
