@@ -61,10 +61,7 @@ typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
 #define KCHUNK_MIN_K 32   /* K rows of the smallest split-K chunk */
 
 /* Whether the GEMM goes through split-K chunks: every expert's rows fit one pass (MR). */
-static inline int use_kchunks(int64_t most, int64_t N, int64_t K) {
-    (void)N;
-    return most > 0 && most <= MR && K >= 2 * KCHUNK_MIN_K;
-}
+static inline int use_kchunks(int64_t most, int64_t K) { return most > 0 && most <= MR && K >= 2 * KCHUNK_MIN_K; }
 
 /* Whether an expert's rows go through strips (gemm_body.h) rather than a panel and tiles. */
 static inline int use_strips(int64_t rows, int64_t K) { return rows >= STRIP_MIN && K <= STRIP_MAX_K; }

@@ -6,38 +6,51 @@
 #define GET FN(get)
 #define STORE1 FN(store1)
 
-/* acc[m, 0:nw] = sum_k a[m, k] * w[k, 0:nw] for ROWS token rows (nw % VL == 0). */
-#define PANEL(ROWS)                                                                           \
-static void FN(panel_##ROWS)(const T *a, int64_t lda, const T *w, int64_t ldk,               \
-                             T *out, int64_t ldo, int64_t K, int64_t nw) {                    \
-    float acc[ROWS][NW] __attribute__((aligned(64)));                                         \
-    memset(acc, 0, sizeof acc);                                                               \
-    int64_t k = 0;                                                                            \
-    for (; k + KS <= K; k += KS) {                                                            \
+/* part[m, 0:N] = sum over k in [k0, k1) of a[m, k] * w[k, 0:N] for ROWS token rows: a K-range of
+   the weight over all its columns, which K-major storage holds as one contiguous block (its
+   rows are ldk apart, ldk barely above N), so each work item reads a single stream. */
+#define KCHUNK(ROWS)                                                                          \
+static void FN(kchunk_##ROWS)(const T *a, int64_t lda, const T *w, int64_t ldk, float *part, \
+                              int64_t k0, int64_t k1, int64_t N) {                            \
+    memset(part, 0, sizeof(float) * ROWS * (size_t)N);                                        \
+    int64_t k = k0;                                                                           \
+    for (; k + KS <= k1; k += KS) {                                                           \
         float x[ROWS][KS];                                                                    \
         _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                               \
             _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) x[m][j] = GET(a + m * lda + k + j); \
         const T *wk = w + k * ldk;                                                            \
-        for (int64_t n = 0; n < nw; n += VL) {                                                \
+        for (int64_t n = 0; n < N; n += VL) {                                                 \
             vf v[KS];                                                                         \
             _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) v[j] = LOADV(wk + j * ldk + n); \
             _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++) {                         \
-                vf s = loadv_f32(&acc[m][n]);                                                 \
+                vf s = loadv_f32(part + m * N + n);                                           \
                 _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) s += v[j] * x[m][j];    \
-                storev_f32(&acc[m][n], s);                                                    \
+                storev_f32(part + m * N + n, s);                                              \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
-    for (; k < K; k++) {                                                                      \
+    for (; k < k1; k++) {                                                                     \
         const T *wk = w + k * ldk;                                                            \
-        for (int64_t n = 0; n < nw; n += VL) {                                                \
+        for (int64_t n = 0; n < N; n += VL) {                                                 \
             vf v0 = LOADV(wk + n);                                                            \
             _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                           \
-                storev_f32(&acc[m][n], loadv_f32(&acc[m][n]) + v0 * GET(a + m * lda + k));    \
+                storev_f32(part + m * N + n, loadv_f32(part + m * N + n) + v0 * GET(a + m * lda + k)); \
         }                                                                                     \
     }                                                                                         \
+}
+KCHUNK(1) KCHUNK(2) KCHUNK(3) KCHUNK(4) KCHUNK(5) KCHUNK(6)
+static void (*const FN(KCHUNKS)[MR])(const T *, int64_t, const T *, int64_t, float *, int64_t, int64_t, int64_t) = {
+    FN(kchunk_1), FN(kchunk_2), FN(kchunk_3), FN(kchunk_4), FN(kchunk_5), FN(kchunk_6)};
+
+/* out[m, 0:nw] = sum_k a[m, k] * w[k, 0:nw] for ROWS token rows (nw % VL == 0): the chunk above
+   over the whole K into ROWS x NW accumulators in L1 (12 KiB at MR rows), rounded once into out. */
+#define PANEL(ROWS)                                                                           \
+static void FN(panel_##ROWS)(const T *a, int64_t lda, const T *w, int64_t ldk,               \
+                             T *out, int64_t ldo, int64_t K, int64_t nw) {                    \
+    float acc[ROWS * NW] __attribute__((aligned(64)));                                        \
+    FN(kchunk_##ROWS)(a, lda, w, ldk, acc, 0, K, nw);                                         \
     for (int m = 0; m < ROWS; m++)                                                            \
-        for (int64_t n = 0; n < nw; n += VL) STOREV(out + m * ldo + n, loadv_f32(&acc[m][n])); \
+        for (int64_t n = 0; n < nw; n += VL) STOREV(out + m * ldo + n, loadv_f32(acc + m * nw + n)); \
 }
 
 PANEL(1) PANEL(2) PANEL(3) PANEL(4) PANEL(5) PANEL(6)
@@ -122,42 +135,6 @@ static void FN(strips)(const T *a, int64_t lda, const T *wp, int64_t ldk, T *out
 }
 
 
-/* part[m, 0:N] = sum over k in [k0, k1) of a[m, k] * w[k, 0:N] for ROWS token rows: a K-range of
-   the weight over all its columns, which K-major storage holds as one contiguous block (its
-   rows are ldk apart, ldk barely above N), so each work item reads a single stream. */
-#define KCHUNK(ROWS)                                                                          \
-static void FN(kchunk_##ROWS)(const T *a, int64_t lda, const T *w, int64_t ldk, float *part, \
-                              int64_t k0, int64_t k1, int64_t N) {                            \
-    memset(part, 0, sizeof(float) * ROWS * (size_t)N);                                        \
-    int64_t k = k0;                                                                           \
-    for (; k + KS <= k1; k += KS) {                                                           \
-        float x[ROWS][KS];                                                                    \
-        _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                               \
-            _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) x[m][j] = GET(a + m * lda + k + j); \
-        const T *wk = w + k * ldk;                                                            \
-        for (int64_t n = 0; n < N; n += VL) {                                                 \
-            vf v[KS];                                                                         \
-            _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) v[j] = LOADV(wk + j * ldk + n); \
-            _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++) {                         \
-                vf s = loadv_f32(part + m * N + n);                                           \
-                _Pragma("GCC unroll 8") for (int j = 0; j < KS; j++) s += v[j] * x[m][j];    \
-                storev_f32(part + m * N + n, s);                                              \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
-    for (; k < k1; k++) {                                                                     \
-        const T *wk = w + k * ldk;                                                            \
-        for (int64_t n = 0; n < N; n += VL) {                                                 \
-            vf v0 = LOADV(wk + n);                                                            \
-            _Pragma("GCC unroll 8") for (int m = 0; m < ROWS; m++)                           \
-                storev_f32(part + m * N + n, loadv_f32(part + m * N + n) + v0 * GET(a + m * lda + k)); \
-        }                                                                                     \
-    }                                                                                         \
-}
-KCHUNK(1) KCHUNK(2) KCHUNK(3) KCHUNK(4) KCHUNK(5) KCHUNK(6)
-static void (*const FN(KCHUNKS)[MR])(const T *, int64_t, const T *, int64_t, float *, int64_t, int64_t, int64_t) = {
-    FN(kchunk_1), FN(kchunk_2), FN(kchunk_3), FN(kchunk_4), FN(kchunk_5), FN(kchunk_6)};
-
 /* Split-K (use_kchunks): each touched expert's weight cut into column panels as wide as a partial
    sum in L1 allows (all N where it fits) and K-ranges of them; each (panel, K-range) work item
    streams its block (runs of the panel's width, contiguous where the panel is all of N) into a
@@ -219,7 +196,7 @@ int FN(herd_grouped_gemm)(const T *a, int64_t lda, const T *w, int64_t lde, int6
         touched += r > 0;
         if (r > most) most = r;
     }
-    if (use_kchunks(most, N, K))
+    if (use_kchunks(most, K))
         return FN(grouped_kchunks)(a, lda, w, lde, ldk, out, ldo, offs, E, N, K, touched, most, num_threads);
     /* panel width: NW, or narrower so that there are at least 4 panels per thread */
     int64_t per_expert = (4 * num_threads + touched - 1) / (touched ? touched : 1);
