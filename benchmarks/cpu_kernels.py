@@ -69,26 +69,33 @@ def dense(repeats: int, dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def routed_experts(N: int, K: int, M: int, E: int, dtype: torch.dtype, seed: int):
+    """M tokens routed top-1 at random (seeded) to E experts [N, K]: (a [M, K], offs, touched,
+    weight copies) with the experts K-major as loaded, cycled through more bytes than the L3 (of
+    the touched experts' bytes)."""
+    g = torch.Generator().manual_seed(seed)
+    ids, _ = torch.sort(torch.randint(0, E, (M,), generator=g))
+    counts = torch.bincount(ids, minlength=E)
+    offs = counts.cumsum(0).to(torch.int32)
+    touched = int((counts > 0).sum())
+    copies = max(1, COPY_BYTES // (touched * N * K * dtype.itemsize))
+    pool = k_major(torch.empty(copies * E, N, K).normal_(std=K ** -0.5).to(dtype))
+    return torch.randn(M, K).to(dtype), offs, touched, [pool[c * E:(c + 1) * E] for c in range(copies)]
+
+
 def experts(repeats: int, dtype: torch.dtype) -> list[dict]:
     rows, E = [], 16
     for name, N, K in (("w13", 2048, 512), ("w2", 512, 1024)):
         for M in (1, 16, 64):
-            g = torch.Generator().manual_seed(M)
-            ids, _ = torch.sort(torch.randint(0, E, (M,), generator=g))
-            counts = torch.bincount(ids, minlength=E)
-            offs = counts.cumsum(0).to(torch.int32)
-            touched = int((counts > 0).sum())
-            copies = max(1, COPY_BYTES // (touched * N * K * dtype.itemsize))   # of the touched experts' bytes
-            pool = k_major(torch.empty(copies * E, N, K).normal_(std=K ** -0.5).to(dtype))
-            ws = [pool[c * E:(c + 1) * E] for c in range(copies)]
-            a = torch.randn(M, K).to(dtype)
+            a, offs, touched, ws = routed_experts(N, K, M, E, dtype, seed=M)
+            copies = len(ws)
             t_torch = best_ms(lambda: [torch._grouped_mm(a, w.transpose(-2, -1), offs=offs) for w in ws], repeats) / copies
             t_herd = best_ms(lambda: [torch.ops.herd.cpu_grouped_gemm(a, w, offs) for w in ws], repeats) / copies
             gb = touched * N * K * dtype.itemsize / 1e9
             rows.append(dict(shape=f"{name} 16 x [{N}, {K}]", dtype=str(dtype).split(".")[-1], tokens=M, experts_touched=touched,
                              torch_ms=t_torch, herd_ms=t_herd, torch_gbps=gb / t_torch * 1e3,
                              herd_gbps=gb / t_herd * 1e3))
-            del pool, ws
+            del ws
     return rows
 
 

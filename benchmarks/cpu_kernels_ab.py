@@ -26,9 +26,9 @@ preset_threads()
 
 import torch  # noqa: E402
 
-from herd.ops.cpu import build, k_major  # noqa: E402
+from cpu_kernels import routed_experts  # noqa: E402
+from herd.ops.cpu import build  # noqa: E402
 
-COPY_BYTES = 96 << 20
 DENSE = [("smollm2 qkv", 960, 576), ("smollm2 o", 576, 576), ("smollm2 gate_up", 3072, 576),
          ("smollm2 down", 576, 1536), ("smollm2 lm_head", 49152, 576), ("moe qkv", 768, 512),
          ("moe shared gate_up", 2048, 512)]
@@ -44,15 +44,8 @@ def checkout_sources(rev: str, folder: Path) -> None:
 
 
 def case(libs: dict, N: int, K: int, M: int, E: int, rounds: int) -> dict:
-    g = torch.Generator().manual_seed(M * N)
-    ids, _ = torch.sort(torch.randint(0, E, (M,), generator=g))
-    counts = torch.bincount(ids, minlength=E)
-    offs = counts.cumsum(0).to(torch.int32)
-    touched = int((counts > 0).sum())
-    copies = max(1, COPY_BYTES // (touched * N * K * 4))
-    pool = k_major(torch.empty(copies * E, N, K).normal_(std=K ** -0.5))
-    ws = [pool[c * E:(c + 1) * E] for c in range(copies)]
-    a, out = torch.randn(M, K), torch.empty(M, N)
+    a, offs, touched, ws = routed_experts(N, K, M, E, torch.float32, seed=M * N)
+    copies, out = len(ws), torch.empty(M, N)
     ref = torch._grouped_mm(a, ws[0].transpose(-2, -1), offs=offs)
     threads = torch.get_num_threads()
 

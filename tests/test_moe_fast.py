@@ -241,7 +241,7 @@ def test_fp8_quantizes_activations_once_per_projection(monkeypatch):
     x, _, _, ids, wts = make_inputs(21, 64, 32, 6, 1, torch.float32, seed=8)
     calls = []
     real = methods.quantize_per_token
-    monkeypatch.setattr(methods, "quantize_per_token", lambda a: calls.append(a.shape) or real(a))
+    monkeypatch.setattr(methods, "quantize_per_token", lambda a, *rest: calls.append(a.shape) or real(a, *rest))
     layer(x, ids, wts)
     assert calls == [(21, 64), (21, 32)]  # w13 input, w2 input: all experts at once
 

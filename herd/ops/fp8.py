@@ -39,9 +39,12 @@ def quantize_per_token_pow2(x: torch.Tensor, backoff: float) -> tuple[torch.Tens
 TRITON_PER_TOKEN_QUANT = False
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_per_token_ref's result; on CUDA, with TRITON_PER_TOKEN_QUANT, herd's one-kernel
-    Triton version where Triton is installed."""
+def quantize_per_token(x: torch.Tensor, pow2_backoff: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_token_ref's result (with `pow2_backoff`, INC's power-of-two scales:
+    quantize_per_token_pow2); on CUDA, with TRITON_PER_TOKEN_QUANT, herd's one-kernel Triton
+    version where Triton is installed."""
+    if pow2_backoff is not None:
+        return quantize_per_token_pow2(x, pow2_backoff)
     if TRITON_PER_TOKEN_QUANT and x.is_cuda and x.dim() == 2:
         try:
             from herd.ops.triton.fp8_quant import per_token_quant
@@ -83,10 +86,8 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     two with `pow2_backoff`), or with a static input_scale."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if input_scale is None and pow2_backoff is not None:
-        xq, x_scale = quantize_per_token_pow2(x2, pow2_backoff)
-    elif input_scale is None:
-        xq, x_scale = quantize_per_token(x2)
+    if input_scale is None:
+        xq, x_scale = quantize_per_token(x2, pow2_backoff)
     else:
         xq, x_scale = quantize_static(x2, input_scale), input_scale.float().reshape(1, 1)
     if _scaled_mm_ok(x2, wq):

@@ -12,8 +12,7 @@ from torch import nn
 
 from herd.model.layers import UnquantizedLinearMethod
 from herd.model.llama4 import QuantMethods
-from herd.ops.fp8 import (FP8_DTYPE, FP8_MAX, fp8_linear, quantize_per_token, quantize_per_token_pow2,
-                          quantize_weight)
+from herd.ops.fp8 import FP8_DTYPE, FP8_MAX, fp8_linear, quantize_per_token, quantize_weight
 from herd.ops.moe import MoeRouting, fused_moe, fused_moe_ref, grouped_gemm, grouped_mm_supported, triton_moe_gemm
 from herd.quant.compressed_tensors.config import herd_to_hf_modules
 
@@ -140,10 +139,8 @@ class Fp8MoEMethod:
                 scales = getattr(layer, f"{which}_input_scale").narrow(0, first, E).float()
                 a_scale = scales[r.expert.clamp(max=E - 1)][:, None]
                 aq = (a.float() / a_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-            elif self.pow2_backoff is not None:
-                aq, a_scale = quantize_per_token_pow2(a, self.pow2_backoff)
             else:
-                aq, a_scale = quantize_per_token(a)
+                aq, a_scale = quantize_per_token(a, self.pow2_backoff)
             N = wq.shape[1]
             moe_gemm = triton_moe_gemm(a.shape[0], E, a.device) if kind == "scaled" and TRITON_FP8_MOE else None
             if moe_gemm is not None:   # decode sizes: herd's Triton kernel, the same W8A8 product
