@@ -3,7 +3,7 @@ one process: both builds are timed alternately on the same weights, round after 
 best round of each is kept. On a machine whose memory bandwidth moves between runs (VMs), this
 is the comparison that survives; separate runs of benchmarks/cpu_kernels.py do not.
 
-Shapes: the dense decode linears of SmolLM2-135M and the benchmark MoE checkpoint (1 and 16
+Shapes: the dense decode linears of SmolLM2-135M and the benchmark MoE checkpoint (1, 16 and 64
 rows), and its experts (16 x w13 [2048, 512], w2 [512, 1024]; top-1 routing of 1, 16, 64
 tokens), fp32, weights K-major as loaded and cycled through copies larger than the L3.
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         libs = {args.against: build.build_from(base, Path(tmp) / "base.so"),
                 "this checkout": build.build_from(here, Path(tmp) / "here.so")}
         rows = []
-        shapes = [(f"{n} [{N}, {K}]", N, K, M, 1) for n, N, K in DENSE for M in (1, 16)]
+        shapes = [(f"{n} [{N}, {K}]", N, K, M, 1) for n, N, K in DENSE for M in (1, 16, 64)]
         shapes += [(f"experts {n} 16 x [{N}, {K}]", N, K, M, 16) for n, N, K in EXPERTS for M in (1, 16, 64)]
         for label, N, K, M, E in shapes:
             status(f"{label}, {M} rows")

@@ -54,7 +54,7 @@ typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
 #define KS 8    /* weight rows per step: 8 streams, and accumulators touched once per 8 rows */
 #define MR 6    /* token rows per pass over a panel's weights */
 #define STRIP_MIN 5       /* rows of one expert from which strips beat the panel + tiles */
-#define STRIP_MAX_K 1024  /* two strips' weights (SV * VL x K each, <= 192 KiB) stay inside L2 */
+#define STRIP_MAX_K 2048  /* two strips' weights (SV * VL x K each: <= 768 KiB in fp32 with AVX-512) stay inside L2 */
 #define PANEL_MAX_BYTES 1048576  /* a panel's weights, reread from L2 by the rows after its first pass */
 
 #define KCHUNK_ACC 6144   /* floats of one split-K partial sum (rows x N): 24 KiB, inside L1 */

@@ -90,7 +90,10 @@ static void (*const FN(PANELS)[MR])(const T *, int64_t, const T *, int64_t, T *,
 /* Strips, for experts / linears with STRIP_MIN rows or more: up to SR rows x VL * NV columns over
    the whole K in registers, the weights read straight from memory by the first SR rows and from
    L2 by the rest, while the first rows' pass also prefetches the next strip's weights (pf), so
-   that reading memory and arithmetic overlap instead of taking turns. */
+   that reading memory and arithmetic overlap instead of taking turns. The prefetch goes to L2
+   only (locality 2: prefetcht1): one strip ahead is K x 192 bytes (96 KiB at K = 512), which
+   pulled into L1 evicted the token rows and the current strip's weights there; on the Zen 4
+   test machine 1.5-2x the GFLOP/s at 8-16 rows from memory (docs/benchmarks.md). */
 #define STRIP(NV)                                                                             \
 static void FN(strip_##NV)(int rows, const T *a, int64_t lda, const T *w, int64_t ldk,       \
                            T *out, int64_t ldo, int64_t K, const T *pf) {                     \
@@ -102,7 +105,7 @@ static void FN(strip_##NV)(int rows, const T *a, int64_t lda, const T *w, int64_
         if (pf)                                                                               \
             for (uintptr_t c = (uintptr_t)(pf + k * ldk) & ~(uintptr_t)63;                 \
                  c < (uintptr_t)(pf + k * ldk + VL * NV); c += 64) /* each line of the row */ \
-                __builtin_prefetch((const void *)c);                                          \
+                __builtin_prefetch((const void *)c, 0, 2); /* into L2, not L1: see above */   \
         vf wv[NV];                                                                            \
         _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) wv[v] = LOADV(wk + VL * v);     \
         _Pragma("GCC unroll 8") for (int m = 0; m < SR; m++) {                               \
