@@ -16,7 +16,8 @@ run with the memory bandwidth measured alongside.
   dense and experts run for each of --dtypes (float32, bfloat16: weights and activations alike;
   torch's bf16 F.linear / grouped GEMM against herd's bf16 kernels).
 
-    python benchmarks/cpu_kernels.py [--threads 2] [--repeats 20] [--dtypes float32 bfloat16] [--output-json FILE]
+    python benchmarks/cpu_kernels.py [--threads 2] [--repeats 20] [--dtypes float32 bfloat16]
+        [--dense-rows 1 16 64] [--output-json FILE]
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def best_ms(fn, repeats: int) -> float:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def dense(repeats: int, dtype: torch.dtype) -> list[dict]:
+def dense(repeats: int, dtype: torch.dtype, dense_rows=(1, 16, 64)) -> list[dict]:
     rows = []
     shapes = [("smollm2 qkv", 960, 576), ("smollm2 gate_up", 3072, 576), ("smollm2 down", 576, 1536),
               ("smollm2 lm_head", 49152, 576), ("moe shared gate_up", 2048, 512), ("moe qkv", 768, 512)]
@@ -55,7 +56,7 @@ def dense(repeats: int, dtype: torch.dtype) -> list[dict]:
         wk = [k_major(w) for w in ws]
         # bf16 dense weights stay row-major: herd's row-major kernel up to gemv_rm_bf16_max_rows()
         # rows ("bfloat16-rm" rows), the K-major kernel as before otherwise
-        cases = [(M, wk, str(dtype).split(".")[-1]) for M in (1, 16, 64)]
+        cases = [(M, wk, str(dtype).split(".")[-1]) for M in dense_rows]
         if dtype == torch.bfloat16:
             cases[1:1] = [(M, ws, "bfloat16-rm") for M in range(1, gemv_rm_bf16_max_rows() + 1)]
         for M, herd_ws, label in cases:
@@ -125,6 +126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
+    ap.add_argument("--dense-rows", nargs="+", type=int, default=[1, 16, 64], metavar="M",
+                    help="token rows of the dense linears (default 1 16 64; herd's kernel takes up to "
+                         "CPU_LINEAR_MAX_ROWS = 256)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     apply_threads(args.threads)
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
     status("memory bandwidth")
     bw = measure_bandwidth(args.threads)
     status(f"read bandwidth {bw['read_gbps']:.1f} GB/s; dense linears")
-    d = [r for t in args.dtypes for r in dense(args.repeats, DTYPES[t])]
+    d = [r for t in args.dtypes for r in dense(args.repeats, DTYPES[t], args.dense_rows)]
     status("grouped expert GEMMs")
     e = [r for t in args.dtypes for r in experts(args.repeats, DTYPES[t])]
     status("decode attention")

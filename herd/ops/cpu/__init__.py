@@ -24,9 +24,10 @@ import torch
 
 from herd.ops.cpu.build import load_library
 
-# Up to this many rows the kernel beats MKL on the measured decode shapes (1.3-2.9x at one row,
-# 1.1-1.9x at 64, benchmarks/cpu_kernels.py); prefill-sized inputs go to F.linear.
-CPU_LINEAR_MAX_ROWS = 64
+# Up to this many rows the kernel beats MKL on the measured decode shapes, weights from memory
+# (1.3-2.9x at one row, 1.2-1.8x at 64, 1.0-1.6x at 128, 0.93-1.36x at 256: docs/benchmarks.md);
+# larger inputs (prefill) go to F.linear.
+CPU_LINEAR_MAX_ROWS = 256
 
 
 @torch.compiler.assume_constant_result
