@@ -363,14 +363,16 @@ def test_without_a_working_compiler_torch_paths_run(monkeypatch, tmp_path, caplo
 
 
 def test_prefill_sized_experts_with_unaligned_rows_stay_on_the_kernel():
-    """Above 16 rows per expert eager MoE goes to torch's grouped GEMM, which needs 16-byte rows;
-    a hidden size that is not a multiple of 4 keeps the kernel instead of failing."""
+    """Above CPU_KERNEL_MAX_ROWS_PER_EXPERT rows per expert eager MoE goes to torch's grouped GEMM,
+    which needs 16-byte rows; a hidden size that is not a multiple of 4 keeps the kernel instead of
+    failing."""
     g = torch.Generator().manual_seed(8)
-    T, D, N, E = 40, 22, 64, 2
+    D, N, E = 22, 64, 2
+    T = moe.CPU_KERNEL_MAX_ROWS_PER_EXPERT[torch.float32] * E + 24
     a = torch.randn(T, D, generator=g)
     w = k_major(torch.randn(E, N, D, generator=g) * D ** -0.5)
     offs = torch.bincount(torch.randint(0, E, (T,), generator=g), minlength=E).cumsum(0).to(torch.int32)
-    assert T > moe.CPU_KERNEL_MAX_ROWS_PER_EXPERT * E and cpu_grouped_gemm_supported(a.dtype, w)
+    assert T > moe.CPU_KERNEL_MAX_ROWS_PER_EXPERT[torch.float32] * E and cpu_grouped_gemm_supported(a.dtype, w)
     torch.testing.assert_close(moe.grouped_gemm(a, w, offs), grouped_ref(a, w, offs), **TOL)
 
 

@@ -12,6 +12,7 @@ to the expert *input* (before the SwiGLU), so it cannot be folded into the outpu
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -150,9 +151,11 @@ def _weight_layout_ok(w: torch.Tensor) -> bool:
     return w.stride(-2) == 1 and _aligned(w.stride(-1), w.dtype)
 
 
-# Above this many rows per expert on average (prefill) torch's blocked GEMM reuses each weight
-# tile better than the kernel's streaming panels; decode batches stay far below it.
-CPU_KERNEL_MAX_ROWS_PER_EXPERT = 16
+# Up to this many rows per expert on average herd's kernel beats torch's CPU grouped GEMM; above
+# it, torch's. fp32: 4.3x at 8 rows, 1.2-1.5x at 64-256, 1.1-1.2x at 512 on the benchmark MoE's
+# shapes since the strips prefetch into L2; bf16: 1.25x at 8 rows, 0.9-1.0x at 16, and torch's
+# bf16 dot products 1.4-2x faster from 32 up (docs/benchmarks.md).
+CPU_KERNEL_MAX_ROWS_PER_EXPERT = MappingProxyType({torch.float32: 256, torch.bfloat16: 16})
 
 
 # On CUDA, up to this many rows per expert on average (decode batches) herd's Triton grouped GEMM
@@ -182,7 +185,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.
     if moe_gemm is not None:
         return moe_gemm(a, w, offs)
     if cpu_grouped_gemm_supported(a.dtype, w) and (
-            a.shape[0] <= CPU_KERNEL_MAX_ROWS_PER_EXPERT * w.shape[0] or torch.compiler.is_compiling()
+            a.shape[0] <= CPU_KERNEL_MAX_ROWS_PER_EXPERT.get(a.dtype, 16) * w.shape[0] or torch.compiler.is_compiling()
             or not _aligned(a.shape[-1], a.dtype)):
         return torch.ops.herd.cpu_grouped_gemm(a, w, offs)
     return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
