@@ -33,7 +33,7 @@ preset_threads()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from herd.ops.cpu import gemv_rm_bf16_max_rows, k_major, kernels_available  # noqa: E402  (k_major: the loader's layout)
+from herd.ops.cpu import CPU_LINEAR_MAX_ROWS, gemv_rm_bf16_max_rows, k_major, kernels_available  # noqa: E402  (k_major: the loader's layout)
 from membw import best_time, measure_bandwidth  # noqa: E402
 
 COPY_BYTES = 96 << 20  # per shape, cycled: three times the L3
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     ap.add_argument("--dense-rows", nargs="+", type=int, default=[1, 16, 64], metavar="M",
                     help="token rows of the dense linears (default 1 16 64; herd's kernel takes up to "
-                         "CPU_LINEAR_MAX_ROWS = 256)")
+                         f"CPU_LINEAR_MAX_ROWS = {CPU_LINEAR_MAX_ROWS})")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     apply_threads(args.threads)

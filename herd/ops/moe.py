@@ -185,7 +185,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.
     if moe_gemm is not None:
         return moe_gemm(a, w, offs)
     if cpu_grouped_gemm_supported(a.dtype, w) and (
-            a.shape[0] <= CPU_KERNEL_MAX_ROWS_PER_EXPERT.get(a.dtype, 16) * w.shape[0] or torch.compiler.is_compiling()
+            a.shape[0] <= CPU_KERNEL_MAX_ROWS_PER_EXPERT[a.dtype] * w.shape[0] or torch.compiler.is_compiling()
             or not _aligned(a.shape[-1], a.dtype)):
         return torch.ops.herd.cpu_grouped_gemm(a, w, offs)
     return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
